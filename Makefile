@@ -1,0 +1,43 @@
+# Every target creates .venv and installs the kit (with its extras) when needed.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+EXTRAS  ?= dev,demo,medical
+export MPLBACKEND ?= Agg
+export GRADIO_ANALYTICS_ENABLED ?= False
+
+.PHONY: tour test lab demo bench export clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+## The main job: degrade held-out images, run what the kit has, write tour/index.html
+tour: $(STAMP)
+	$(BIN)/diffsr tour --out tour
+
+## The whole suite: notebooks and package in sync, undefined names, pytest (incl. nbdev-test)
+test: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash .ci/sync_check
+	$(BIN)/ruff check --select F821 diffsr_kit
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+## JupyterLab on the lessons
+lab: $(STAMP)
+	$(BIN)/python -m pip install -q jupyterlab
+	$(BIN)/jupyter lab nbs/lessons
+
+## The Gradio demo on 127.0.0.1
+demo: $(STAMP)
+	$(BIN)/diffsr demo
+
+## Re-export the package from the notebooks (contributor loop)
+export: $(STAMP)
+	$(BIN)/nbdev-clean
+	$(BIN)/nbdev-export
+
+clean-venv:
+	rm -rf $(VENV)
