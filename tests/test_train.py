@@ -129,3 +129,16 @@ def test_cli_train_sample_eval(tmp_path):
     assert res['convention']['crop_border'] == 4
     r = cli('sample', '--ckpt', tmp_path / 'nowhere', '--input', lr, '--out', sr, ok=False)
     assert r.returncode == 2 and 'No checkpoint' in r.stderr
+
+def test_export_round_trip(tmp_path):
+    run = train(cfg_for(tmp_path / 'r', 'run.steps=2'))
+    r = json.loads(cli('export', '--ckpt', run, '--out', tmp_path / 'asset', '--command', 'diffsr train ...').stdout)
+    from safetensors.torch import load_file
+    w = load_file(str(tmp_path / 'asset' / 'model.safetensors'))
+    meta = json.loads((tmp_path / 'asset' / 'meta.json').read_text())
+    assert meta['weights'] == 'ema' and meta['command'] == 'diffsr train ...' and r['mb'] < 4
+    assert any(t.dtype == torch.float16 for t in w.values())
+    full, small = load_task(run), load_task(tmp_path / 'asset')
+    lr = torch.rand(1, 3, 4, 4) * 2 - 1
+    # fp16 storage rounds weights by <= 1e-3 relative; the sampled images stay within a few 1e-3
+    assert (full.predict(lr, seed=0) - small.predict(lr, seed=0)).abs().max() < 2e-2
