@@ -7,7 +7,7 @@ EXTRAS  ?= dev,demo,medical
 export MPLBACKEND ?= Agg
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-.PHONY: tour test lab demo bench export clean-venv
+.PHONY: tour test lab demo screenshot export clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ lab: $(STAMP)
 ## The Gradio demo on 127.0.0.1
 demo: $(STAMP)
 	$(BIN)/diffsr demo
+
+## Screenshot of the demo for the README (real headless Chromium: Debian's chromium + chromium-driver)
+screenshot: $(STAMP)
+	DIFFSR_SCREENSHOT=$(CURDIR)/assets/demo.png $(BIN)/python -m pytest tests/test_demo_browser.py -q -p no:cacheprovider
 
 ## Re-export the package from the notebooks (contributor loop)
 export: $(STAMP)

@@ -1,0 +1,325 @@
+"""The Gradio demo: the upscale function called directly, then the app through gradio_client on 127.0.0.1,
+then `diffsr demo` (demo_cli_run) in a subprocess. References are PIL and scikit-image, never the demo itself."""
+import io, os, signal, socket, struct, subprocess, sys, time, zlib
+from pathlib import Path
+
+os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from skimage.metrics import peak_signal_noise_ratio as sk_psnr, structural_similarity as sk_ssim
+
+from diffsr_kit.data import load_image
+from diffsr_kit.demo import (MODELS, DemoConfig, DemoInputError, SRModel, bicubic_upsample, free_port, launch_demo,
+                             make_demo, models_available, read_upload, register_model, upscale)
+
+pytestmark = [pytest.mark.filterwarnings('ignore:.*no_silent_downcasting'),  # pandas 3 deprecations inside Gradio's queue
+              pytest.mark.filterwarnings('ignore:The copy keyword is deprecated')]
+
+WAIT = 120  # seconds: upper bound on any single wait (server start, one request) on a loaded 2-core machine
+
+
+# ---------------------------------------------------------------- helpers and files
+
+def png16(path, a):
+    "Write a 16-bit PNG (grey, RGB or RGBA) by hand: PIL cannot write 16-bit colour."
+    h, w, c = a.shape
+    raw = b''.join(b'\x00' + a[y].astype('>u2').tobytes() for y in range(h))
+    chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d) & 0xffffffff)
+    ihdr = struct.pack('>IIBBBBB', w, h, 16, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
+    Path(path).write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+def pil_resize(a, size):
+    "PIL's bicubic on each channel of a float HWC array (the independent reference); size = (w, h)."
+    return np.stack([np.asarray(Image.fromarray(a[..., c].astype(np.float32)).resize(size, Image.BICUBIC))
+                     for c in range(a.shape[-1])], -1)
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('demo_inputs')
+    rgb = (load_image('chelsea')[100:148, 200:240] * 255 + 0.5).astype(np.uint8)  # real photo crop, 48x40 (HxW)
+    f = dict(rgb=rgb)
+    Image.fromarray(rgb).save(d / 'good.png'); f['good'] = d / 'good.png'
+    Image.fromarray(rgb).save(d / 'good.jpg', quality=95); f['jpeg'] = d / 'good.jpg'
+    Image.fromarray(rgb).save(d / 'good.webp', lossless=True); f['webp'] = d / 'good.webp'
+    Image.fromarray(rgb).save(d / 'good.tif'); f['tiff'] = d / 'good.tif'
+    g16 = (np.arange(40 * 48).reshape(40, 48) * 34).astype(np.uint16)
+    Image.fromarray(g16).save(d / 'grey16.png'); f['grey16'], f['g16'] = d / 'grey16.png', g16
+    rgba16 = np.random.default_rng(1).integers(0, 65536, (40, 48, 4)).astype(np.uint16)
+    png16(d / 'rgba16.png', rgba16); f['rgba16'], f['rgba16_a'] = d / 'rgba16.png', rgba16
+    rgba = np.random.default_rng(2).integers(0, 256, (40, 48, 4)).astype(np.uint8)
+    Image.fromarray(rgba).save(d / 'rgba.png'); f['rgba'], f['rgba_a'] = d / 'rgba.png', rgba
+    (d / 'notes.txt').write_text('these are not pixels\n' * 20); f['text'] = d / 'notes.txt'
+    noise = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(d / 'noise.png')
+    (d / 'corrupt.png').write_bytes((d / 'noise.png').read_bytes()[:4000]); f['corrupt'] = d / 'corrupt.png'
+    Image.fromarray(noise).resize((100, 90)).save(d / 'big.png'); f['big'] = d / 'big.png'  # > 64 (server limit)
+    Image.fromarray(rgb).save(d / 'anim.gif'); f['gif'] = d / 'anim.gif'
+    (d / 'empty.png').write_bytes(b''); f['empty'] = d / 'empty.png'
+    return f
+
+def toy_model():
+    "A stochastic stand-in for a diffusion model: bicubic x2 plus seeded noise, with a 25-frame trajectory."
+    def run(lr, sampler=None, steps=None, seed=0, n_samples=1, progress=None):
+        g = torch.Generator().manual_seed(seed)
+        base = bicubic_upsample(lr, 2).expand(n_samples, -1, -1, -1)
+        noise = torch.randn(base.shape, generator=g)
+        traj = []
+        for k in range(steps):
+            traj.append((base[0] + noise[0] * (1 - (k + 1) / steps)).clamp(0, 1))
+            if progress: progress((k + 1) / steps, desc='toy')
+        return dict(sr=(base + 0.1 * noise).clamp(0, 1), trajectory=traj)
+    return SRModel('toy-x2', 2, {'fade': 25, 'fast': 5}, run, 'test stand-in')
+
+def missing_model():
+    raise FileNotFoundError('assets/nothing-x4/ema.safetensors is missing; run make assets')
+
+def broken_model():
+    "A model that fails at run time: a bug must become a message, not a dead server."
+    def run(lr, sampler=None, steps=None, seed=0, n_samples=1, progress=None):
+        if seed == 7: return dict(sr=torch.zeros(1, 3, 5, 5), trajectory=[])  # wrong size
+        raise RuntimeError('CUDA out of memory (simulated)')
+    return SRModel('broken-x2', 2, {}, run)
+
+REGISTRY = {**MODELS, 'toy-x2': toy_model, 'missing-x4': missing_model, 'broken-x2': broken_model}
+
+
+# ---------------------------------------------------------------- the function, called directly
+
+def test_bicubic_baseline_matches_pil():
+    a = np.random.default_rng(0).random((7, 9, 3), dtype=np.float32)
+    x = torch.from_numpy(a.transpose(2, 0, 1))[None]
+    for s in (2, 4, 8):
+        ref = np.clip(pil_resize(a, (9 * s, 7 * s)), 0, 1)
+        got = bicubic_upsample(x, s)[0].permute(1, 2, 0).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-5)  # float32 rounding only
+        out = MODELS[f'bicubic-x{s}']().run(x, n_samples=3)
+        assert out['sr'].shape == (3, 3, 7 * s, 9 * s) and out['trajectory'] == []
+
+def test_good_png_gives_sr_of_the_right_size(files):
+    r = upscale(image=files['good'], sample=None, scale=4, degradation='none')
+    assert r.metrics['model'] == 'bicubic-x4'  # '' / None picks the first model of the scale
+    np.testing.assert_array_equal(r.lr, files['rgb'])  # lossless PNG read exactly
+    assert r.sr.shape == (48 * 4, 40 * 4, 3) and r.sr.dtype == np.uint8 and r.bicubic.shape == r.sr.shape
+    buf = io.BytesIO(); Image.fromarray(r.sr).save(buf, 'PNG')  # PNG-able, and the round trip is exact
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(buf.getvalue()))), r.sr)
+    ref = np.clip(pil_resize(files['rgb'] / 255.0, (160, 192)), 0, 1)
+    assert np.abs(r.sr / 255.0 - ref).max() <= 0.5 / 255 + 1e-5  # uint8 rounding of PIL's bicubic
+    assert r.hr is None and 'psnr' not in r.metrics['sr'] and r.std_map is None and r.trajectory == []
+
+def test_metrics_match_an_independent_pipeline(files):
+    "classic x2 on an upload: LR, PSNR, SSIM and LR-PSNR recomputed with PIL and scikit-image."
+    r = upscale(image=files['good'], sample=None, scale=2, model='bicubic-x2', degradation='classic')
+    hr = files['rgb'] / 255.0
+    lr = np.clip(pil_resize(hr, (20, 24)), 0, 1)
+    sr = np.clip(pil_resize(lr, (40, 48)), 0, 1)
+    assert np.abs(r.lr / 255.0 - lr).max() <= 0.5 / 255 + 1e-5
+    m = r.metrics['sr']
+    assert abs(m['psnr'] - sk_psnr(hr, sr, data_range=1)) < 1e-3  # float32 vs float64, and 4-decimal rounding
+    ref_ssim = sk_ssim(hr, sr, data_range=1, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert abs(m['ssim'] - ref_ssim) < 1e-3
+    assert abs(m['lr_psnr'] - sk_psnr(lr, np.clip(pil_resize(sr, (20, 24)), 0, 1), data_range=1)) < 1e-2
+    assert r.metrics['seconds_model'] >= 0 and r.metrics['seconds_total'] >= r.metrics['seconds_model']
+
+@pytest.mark.parametrize('orientation', range(1, 9))
+def test_exif_orientation_matches_pil(tmp_path, orientation):
+    a = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)  # non-square, no symmetry
+    im = Image.fromarray(a); exif = im.getexif(); exif[0x0112] = orientation
+    im.save(tmp_path / 'o.png', exif=exif)
+    ref = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / 'o.png')).convert('RGB')) / 255.0
+    got, notes = read_upload(tmp_path / 'o.png')
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert any('EXIF orientation' in n for n in notes) == (orientation != 1)
+
+def test_conversions_are_correct_and_noted(files):
+    a, notes = read_upload(files['grey16'])
+    np.testing.assert_allclose(a, np.repeat(files['g16'][..., None] / 65535.0, 3, -1), atol=1e-6)
+    assert '16-bit' in notes[0] and 'RGB' in notes[0]
+    a, notes = read_upload(files['rgba'])
+    c, al = files['rgba_a'][..., :3] / 255.0, files['rgba_a'][..., 3:] / 255.0
+    np.testing.assert_allclose(a, c * al + (1 - al), atol=1e-6)  # over white
+    assert any('alpha' in n for n in notes)
+    a, notes = read_upload(files['rgba16'])  # PIL keeps the high byte of 16-bit colour
+    hi = (files['rgba16_a'] >> 8) / 255.0
+    np.testing.assert_allclose(a, hi[..., :3] * hi[..., 3:] + (1 - hi[..., 3:]), atol=1e-6)
+    assert any('alpha' in n for n in notes) and any('16-bit' in n for n in notes)
+    a, notes = read_upload(files['good'])
+    assert notes == []
+
+@pytest.mark.parametrize('fmt', ['jpeg', 'webp', 'tiff'])
+def test_jpeg_webp_tiff_are_read(files, fmt):
+    a, notes = read_upload(files[fmt])
+    ref = np.asarray(Image.open(files[fmt]).convert('RGB')) / 255.0
+    np.testing.assert_allclose(a, ref, atol=1e-6)
+    if fmt != 'jpeg': np.testing.assert_array_equal((a * 255).round(), files['rgb'])  # lossless ones are exact
+
+BAD = [  # file key, DemoInputError.kind, the documented start of the message
+    ('text', 'not_image', 'is not an image file'),
+    ('corrupt', 'corrupt', 'could not be decoded'),
+    ('big', 'too_large', 'is too large'),
+    ('gif', 'format', 'is a GIF file; the demo accepts'),
+    ('empty', 'empty', 'is empty'),
+]
+
+@pytest.mark.parametrize('key,kind,msg', BAD)
+def test_bad_files_give_documented_messages(files, key, kind, msg):
+    with pytest.raises(DemoInputError, match=msg) as e:
+        upscale(image=files[key], sample=None, scale=2, degradation='none', cfg=DemoConfig(max_lr_side=64))
+    assert e.value.kind == kind
+
+def test_bad_options_give_documented_messages(files):
+    kw = dict(image=files['good'], sample=None, degradation='none', registry=REGISTRY)
+    cases = [(dict(scale=2, model='bicubic-x4'), "upscales by 4, not 2"),
+             (dict(scale=4, model='nope'), "Unknown model 'nope'"),
+             (dict(scale=4, model='missing-x4'), "not available: assets/nothing-x4"),
+             (dict(scale=2, model='toy-x2', sampler='ddim'), "no sampler 'ddim'"),
+             (dict(scale=2, model='toy-x2', steps=5000), "steps=5000"),
+             (dict(scale=2, n_samples=99), "n_samples=99"),
+             (dict(scale=2, seed=-1), "seed=-1"),
+             (dict(scale=2, degradation='blurry'), "degradation='blurry'"),
+             (dict(scale=3), "No model upscales by 3")]
+    for extra, msg in cases:
+        with pytest.raises(DemoInputError, match=msg): upscale(**{**kw, **extra})
+    with pytest.raises(DemoInputError, match='No image'): upscale(image=None, sample=None)
+    with pytest.raises(DemoInputError, match='too small'):  # 48x40 HR at x8 -> 6x5 LR
+        upscale(image=files['good'], sample=None, scale=8, degradation='classic')
+
+def test_model_failures_are_reported(files):
+    kw = dict(image=files['good'], sample=None, scale=2, model='broken-x2', degradation='none', registry=REGISTRY)
+    with pytest.raises(RuntimeError, match='simulated'): upscale(**kw)
+    with pytest.raises(RuntimeError, match=r'expected \(K, 3, 96, 80\)'): upscale(**kw, seed=7)
+
+def test_samples_trajectory_diversity_and_progress(files):
+    seen = []
+    r = upscale(image=files['good'], sample=None, scale=2, model='toy-x2', seed=3, n_samples=3, degradation='none',
+                registry=REGISTRY, cfg=DemoConfig(max_frames=10), progress=lambda f, desc=None: seen.append(f))
+    assert r.metrics['sampler'] == 'fade' and r.metrics['steps'] == 25  # the model's defaults
+    assert len(r.samples) == 3 and len(r.trajectory) == 10
+    assert r.trajectory[0][1] == '1/25' and r.trajectory[-1][1] == '25/25'
+    # the diversity number against numpy's std of the model's own float output (ddof=1, channel mean)
+    lr = torch.from_numpy(files['rgb'].transpose(2, 0, 1) / 255.0).float()[None]
+    sr = toy_model().run(lr, 'fade', 25, 3, 3)['sr'].double().numpy()
+    assert abs(r.metrics['sr']['std_mean'] - sr.std(0, ddof=1).mean()) < 1e-4
+    assert r.std_map.shape == r.sr.shape and r.std_map.dtype == np.uint8 and r.std_map.max() > 0
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen) and seen == sorted(seen)
+    r2 = upscale(image=files['good'], sample=None, scale=2, model='toy-x2', sampler='fast', steps=0, n_samples=1,
+                 degradation='none', registry=REGISTRY)
+    assert r2.metrics['steps'] == 5 and r2.std_map is None
+
+def test_registry_skips_missing_models_with_reason():
+    reg = {}
+    register_model('toy-x2', toy_model, reg); register_model('missing-x4', missing_model, reg)
+    ok, missing = models_available(reg)
+    assert list(ok) == ['toy-x2'] and 'make assets' in missing['missing-x4']
+    with pytest.raises(TypeError, match='must return an SRModel'): models_available({'bad': lambda: 42})
+
+
+# ---------------------------------------------------------------- the app through gradio_client
+
+@pytest.fixture(scope='module')
+def app(request, tmp_path_factory):
+    from gradio_client import Client
+    demo = make_demo(registry=REGISTRY, cfg=DemoConfig(max_lr_side=64, max_file_size='300kb'))
+    launch_demo(demo, host='127.0.0.1', port=free_port(), where='script')
+    request.addfinalizer(demo.close)
+    client = Client(demo.local_url, verbose=False, analytics_enabled=False, httpx_kwargs={'timeout': WAIT},
+                    download_files=str(tmp_path_factory.mktemp('client_downloads')))
+    return demo, client
+
+def call(client, **kw):
+    "One bounded call of the upscale endpoint."
+    from gradio_client import handle_file
+    args = dict(image=None, sample='', scale=2, model='', sampler='', steps=0, seed=0, n_samples=1, degradation='none')
+    args.update(kw)
+    if args['image'] is not None: args['image'] = handle_file(str(args['image']))
+    return client.submit(api_name='/upscale', **args).result(timeout=WAIT)
+
+def test_api_inputs_are_the_documented_ones(app):
+    _, client = app
+    info = client.view_api(return_format='dict', print_info=False)['named_endpoints']['/upscale']
+    assert [p['parameter_name'] for p in info['parameters']] == [
+        'image', 'sample', 'scale', 'model', 'sampler', 'steps', 'seed', 'n_samples', 'degradation']
+    assert len(info['returns']) == 8
+
+def test_api_good_image(app, files):
+    demo, client = app
+    assert demo.server_name == '127.0.0.1'
+    lr, bic, sr, samples, traj, std, metrics, notes = call(client, image=files['good'], scale=2)
+    with Image.open(sr) as im: assert im.format == 'PNG' and im.size == (80, 96) and im.mode == 'RGB'
+    with Image.open(lr) as im: np.testing.assert_array_equal(np.asarray(im), files['rgb'])
+    assert metrics['sr_hw'] == [96, 80] and metrics['model'] == 'bicubic-x2' and 'bicubic-x2' in notes
+    assert len(samples) == 1 and traj == [] and std is None
+
+def test_api_toy_model_panels(app, files):
+    _, client = app
+    lr, bic, sr, samples, traj, std, metrics, notes = call(client, image=files['good'], model='toy-x2', n_samples=2,
+                                                           sampler='fast', steps=5, seed=1)
+    assert len(samples) == 2 and len(traj) == 5 and traj[-1]['caption'] == '5/5'
+    with Image.open(std) as im: assert im.size == (80, 96) and im.format == 'PNG'
+    assert metrics['sr']['std_mean'] > 0 and metrics['steps'] == 5
+
+def test_api_notes_for_16bit_and_rgba(app, files):
+    _, client = app
+    *_, notes = call(client, image=files['grey16'])
+    assert '16-bit greyscale image' in notes
+    *_, notes = call(client, image=files['rgba16'])
+    assert 'alpha channel was composited over white' in notes and '16-bit-per-channel' in notes
+
+def test_api_bad_inputs_then_still_serving(app, files):
+    from gradio_client.exceptions import AppError
+    _, client = app
+    for key, _, msg in BAD:
+        with pytest.raises(AppError, match=msg): call(client, image=files[key])
+    with pytest.raises(AppError, match="upscales by 4, not 2"): call(client, image=files['good'], model='bicubic-x4')
+    with pytest.raises(AppError, match='No image'): call(client, image=None, sample='')
+    with pytest.raises(AppError, match='The model failed: RuntimeError: CUDA out of memory'):
+        call(client, image=files['good'], model='broken-x2')
+    metrics = call(client, image=files['good'], scale=2)[6]  # the server still answers
+    assert metrics['sr_hw'] == [96, 80]
+
+def test_upload_size_limit(app, tmp_path):
+    import httpx
+    demo, client = app
+    big = tmp_path / 'big.bin'; big.write_bytes(os.urandom(400_000))  # over the 300 kB limit of this app
+    with open(big, 'rb') as fh:
+        r = httpx.post(demo.local_url + 'gradio_api/upload', files={'files': ('big.png', fh)}, timeout=WAIT)
+    assert r.status_code == 413, (r.status_code, r.text[:200])
+    assert call(client, sample='chelsea', scale=8, degradation='classic')[6]['lr_hw'] == [37, 56]
+
+
+# ---------------------------------------------------------------- `diffsr demo` (demo_cli_run) in a subprocess
+
+def _wait_http(url, proc, timeout):
+    import httpx
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None: return False
+        try:
+            if httpx.get(url, timeout=5).status_code == 200: return True
+        except httpx.HTTPError: pass
+        time.sleep(0.5)
+    return False
+
+def test_cli_serves_until_ctrl_c(tmp_path):
+    host, port = '127.0.0.2', free_port('127.0.0.2')  # a loopback address other than the default: warns, stays local
+    code = ("import argparse, sys; from diffsr_kit.demo import demo_cli_args, demo_cli_run; "
+            "p = argparse.ArgumentParser(); demo_cli_args(p); sys.exit(demo_cli_run(p.parse_args(sys.argv[1:])))")
+    out, err = open(tmp_path / 'out', 'w'), open(tmp_path / 'err', 'w')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'GRADIO_ANALYTICS_ENABLED': 'False'}
+    proc = subprocess.Popen([sys.executable, '-c', code, '--host', host, '--port', str(port), '--max-side', '128'],
+                            stdout=out, stderr=err, env=env)
+    try:
+        up = _wait_http(f'http://{host}:{port}/config', proc, WAIT)
+        logs = (tmp_path / 'err').read_text() + (tmp_path / 'out').read_text()
+        assert up, f'the demo did not come up on {host}:{port}:\n{logs[-3000:]}'
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None: proc.kill(); proc.wait(timeout=30)
+        out.close(); err.close()
+    logs = (tmp_path / 'err').read_text() + (tmp_path / 'out').read_text()
+    assert rc == 0, logs[-3000:]
+    assert 'WARNING' in logs and f'listen on {host}' in logs and f'serving on http://{host}:{port}/' in logs
+    with socket.socket() as s: assert s.connect_ex((host, port)) != 0  # the port is closed again
