@@ -142,3 +142,14 @@ def test_export_round_trip(tmp_path):
     lr = torch.rand(1, 3, 4, 4) * 2 - 1
     # fp16 storage rounds weights by <= 1e-3 relative; the sampled images stay within a few 1e-3
     assert (full.predict(lr, seed=0) - small.predict(lr, seed=0)).abs().max() < 2e-2
+
+def test_lr_schedule_against_formula():
+    import math
+    from diffsr_kit.train import lr_at, OptimConfig
+    o = OptimConfig(lr=1e-3, min_lr=1e-5, warmup=10)
+    cos = lambda f: 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * f))
+    assert math.isclose(lr_at(4, o, 110), 1e-3 * 5 / 10)                  # linear warm-up
+    assert math.isclose(lr_at(60, o, 110), cos(0.5))                       # half-way through the decay
+    assert math.isclose(lr_at(60, o, 110, time_frac=0.75), cos(0.75))      # a wall-clock budget 75% used leads
+    assert math.isclose(lr_at(60, o, 110, time_frac=0.25), cos(0.5))       # ... only when it is further along
+    assert math.isclose(lr_at(200, o, 110, time_frac=2.0), 1e-5)
