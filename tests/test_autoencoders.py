@@ -295,3 +295,16 @@ def test_ema_codebook_moves_to_cluster_means():
     m._ema_update(flat, idx)
     for k in idx.unique().tolist():
         assert torch.allclose(m.embed[k], flat[idx == k].mean(0), atol=1e-5)
+
+def test_grouped_vq_equals_per_group_brute_force():
+    # each group of each latent vector maps to its own nearest code (brute-force cdist reference)
+    torch.manual_seed(0)
+    vq = VQVAE(AEConfig(kind='vqvae', f=4, z_ch=8, groups=4, codebook_size=32)).eval()
+    z = torch.randn(3, 8, 5, 6)
+    zq, idx = vq.quantize(z)
+    assert idx.shape == (3, 4, 5, 6)
+    for g in range(4):
+        part = z[:, 2 * g:2 * g + 2].permute(0, 2, 3, 1).reshape(-1, 2)
+        ref = torch.cdist(part.double(), vq.codebook.double()).argmin(1).view(3, 5, 6)
+        assert torch.equal(idx[:, g], ref)
+        assert torch.equal(zq[:, 2 * g:2 * g + 2], vq.codebook[ref].permute(0, 3, 1, 2))
