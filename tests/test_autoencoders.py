@@ -308,3 +308,23 @@ def test_grouped_vq_equals_per_group_brute_force():
         ref = torch.cdist(part.double(), vq.codebook.double()).argmin(1).view(3, 5, 6)
         assert torch.equal(idx[:, g], ref)
         assert torch.equal(zq[:, 2 * g:2 * g + 2], vq.codebook[ref].permute(0, 3, 1, 2))
+
+@pytest.mark.parametrize('kind', ['vae', 'vqvae'])
+def test_shortcut_starts_as_the_pca_code(kind):
+    # after the first training batch the shortcut pair is the PCA code of the f x f blocks (numpy eigh reference)
+    torch.manual_seed(1)
+    unshuffle = torch.nn.functional.pixel_unshuffle
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    m = build_autoencoder(AEConfig(kind=kind, f=4, z_ch=8, shortcut=True)).train()
+    m(x)                                          # the first training call initialises the shortcut
+    B = unshuffle(x, 4).permute(0, 2, 3, 1).reshape(-1, 48).double().numpy()
+    mu = B.mean(0)
+    _, V = np.linalg.eigh(np.cov(B.T))
+    P = V[:, ::-1][:, :8]                         # top-8 principal directions
+    with torch.no_grad():
+        z = m.encoder.skip(unshuffle(x, 4)).permute(0, 2, 3, 1).reshape(-1, 8).double().numpy()
+        out = m.decoder.skip(m.encoder.skip(unshuffle(x, 4))).permute(0, 2, 3, 1).reshape(-1, 48).double().numpy()
+    z_ref = (B - mu) @ P
+    for j in range(8):                            # each latent channel is a principal coefficient (up to sign)
+        assert abs(abs(np.corrcoef(z[:, j], z_ref[:, j])[0, 1]) - 1) < 1e-6
+    assert np.abs(out - (z_ref @ P.T + mu)).max() < 1e-4   # the pair reconstructs the rank-8 PCA projection

@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_nbdev_test_all_notebooks(capsys):
     nbdev_test = Path(sys.executable).with_name('nbdev-test')
-    env = {**os.environ, 'MPLBACKEND': 'Agg', 'TQDM_DISABLE': '1'}
+    env = {**os.environ, 'MPLBACKEND': 'Agg', 'TQDM_DISABLE': '1', 'OMP_WAIT_POLICY': 'PASSIVE'}  # no spin-waiting threads when notebooks share cores
     r = subprocess.run([str(nbdev_test), '--timing', '--n-workers', '2'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=3000)
     times = dict(re.findall(r'^(\S+\.ipynb): (\d+) secs$', r.stdout, re.M))

@@ -153,3 +153,23 @@ def test_lr_schedule_against_formula():
     assert math.isclose(lr_at(60, o, 110, time_frac=0.75), cos(0.75))      # a wall-clock budget 75% used leads
     assert math.isclose(lr_at(60, o, 110, time_frac=0.25), cos(0.5))       # ... only when it is further along
     assert math.isclose(lr_at(200, o, 110, time_frac=2.0), 1e-5)
+
+def test_ema_warmup_follows_data_initialised_weights(tmp_path):
+    # a data-initialised model (VQ codebook + PCA shortcut from the first batch): the EMA must not keep
+    # the random initial weights (the bug this guards against left EMA reconstructions ~25 dB below the model's)
+    from diffsr_kit.tasks import AERunConfig, recon_metrics
+    from diffsr_kit.train import EMA
+    e = EMA({'a': torch.nn.Linear(1, 1)}, 0.999)
+    ds = []
+    for n in range(5): ds.append(e.current_decay); e.update({'a': torch.nn.Linear(1, 1)})
+    assert ds == [min(0.999, (1 + n) / (10 + n)) for n in range(5)]
+    cfg = load_config(AERunConfig, None, ['model.kind=vqvae', 'model.base_ch=8', 'model.ch_mult=[1,2,2]', 'model.norm_groups=4',
+                                          'model.z_ch=8', 'model.groups=4', 'model.shortcut=true', 'data.patch=32', 'data.batch=4',
+                                          'data.val_images=4', 'run.steps=20', 'run.progress=false', 'optim.ema=0.999',
+                                          'scale_batches=1', f'run.out={tmp_path}/ae'])
+    run = train(cfg)
+    model, ema = load_task(run, weights='model'), load_task(run, weights='ema')
+    hr = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        pm = recon_metrics(model.modules['ae'], hr)['psnr']; pe = recon_metrics(ema.modules['ae'], hr)['psnr']
+    assert pe > pm - 3.0, (pm, pe)
