@@ -314,6 +314,9 @@ def test_cli_serves_until_ctrl_c(tmp_path):
         up = _wait_http(f'http://{host}:{port}/config', proc, WAIT)
         logs = (tmp_path / 'err').read_text() + (tmp_path / 'out').read_text()
         assert up, f'the demo did not come up on {host}:{port}:\n{logs[-3000:]}'
+        t0 = time.monotonic()  # the server answers a moment before launch() returns and prints its address:
+        while 'serving on' not in (tmp_path / 'err').read_text() and time.monotonic() - t0 < WAIT and proc.poll() is None:
+            time.sleep(0.2)  # press Ctrl-C only once the user would have seen the address, as a person would
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
     finally:
