@@ -28,7 +28,8 @@ def test_time_fn_counts_calls_and_orders_stats():
 
 
 def test_device_name_cpu():
-    assert f'({torch.get_num_threads()} threads)' in device_name('cpu')
+    n = torch.get_num_threads()
+    assert device_name('cpu').endswith(f'({n} thread' + ('' if n == 1 else 's') + ')')
 
 
 def test_format_table_layout():
@@ -41,3 +42,78 @@ def test_format_table_layout():
     assert lines[2].split() == ['classic', '1500.2', '64'] or lines[2].split() == ['classic', '1500.3', '64']
     # numbers are right-aligned: every row ends at the same column
     assert len({len(line) for line in lines[2:]}) == 1
+
+
+# ------------------------------------------------------------------ bench sample / bench train
+import json, os, subprocess, sys
+from pathlib import Path
+
+from diffsr_kit.bench import bench_sample, bench_train, diffusers_loop, TRAIN_VARIANTS
+from diffsr_kit.config import config_from_dict
+from diffsr_kit.diffusion import Diffusion, DiffusionConfig
+from diffsr_kit.samplers import ddim_sample, ddpm_sample
+from diffsr_kit.tasks import DDPMTask, SRConfig
+
+TINY = {'model': {'base_ch': 16, 'ch_mult': [1, 2], 'n_res': 1, 'attn_res': [], 'image_size': 32},
+        'diffusion': {'T': 50}, 'data': {'patch': 32, 'batch': 2, 'val_images': 2}, 'sample': {'steps': 2}}
+
+def _toy_eps(x, t):
+    "A smooth stand-in for a trained network (depends on x and t)."
+    return 0.3 * x + 0.01 * t.float().reshape(-1, 1, 1, 1)
+
+@pytest.mark.parametrize('param', ['eps', 'v'])
+def test_diffusers_reference_runs_the_same_ddim_chain(param):
+    # the timed reference must do the same work: deterministic DDIM from the same x_T lands on the same x0
+    d = Diffusion(DiffusionConfig(schedule='linear', T=200, param=param, clip_x0=False))
+    ours = ddim_sample(_toy_eps, (2, 3, 8, 8), d, steps=20, seed=3, spacing='leading', progress=False)
+    ref = diffusers_loop(_toy_eps, (2, 3, 8, 8), d, 'ddim', 20, seed=3)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+def test_diffusers_reference_ddpm_final_step_is_the_posterior_mean():
+    # DDPM draws noise in a different order, so compare the distribution's centre: with T=1 the step is deterministic
+    d = Diffusion(DiffusionConfig(schedule='linear', T=1, clip_x0=False))
+    ours = ddpm_sample(_toy_eps, (1, 3, 4, 4), d, seed=1, progress=False)
+    ref = diffusers_loop(_toy_eps, (1, 3, 4, 4), d, 'ddpm', None, seed=1)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+def _tiny_task():
+    t = DDPMTask(config_from_dict(SRConfig, TINY), torch.device('cpu'), pretrained=False)
+    t.ema_modules = t.modules
+    return t
+
+def test_bench_sample_rows():
+    rows = bench_sample({'tiny': _tiny_task()}, runs=[('ddpm', None), ('ddim', 5)], lr_size=8, repeats=1)
+    assert [(r['model'], r['sampler'], r['steps']) for r in rows] == [('tiny', 'ddpm', 50), ('tiny', 'ddim', 5)]
+    for r in rows:
+        assert {'sec_per_img', 'img_per_s', 'device', 'diffusers_sec_per_img', 'ratio'} <= set(r)
+        assert r['sec_per_img'] > 0 and abs(r['img_per_s'] * r['sec_per_img'] - 1) < 1e-9
+        assert r['ratio'] == pytest.approx(r['sec_per_img'] / r['diffusers_sec_per_img'])
+
+def test_bench_train_row_and_bad_variant():
+    cfg = config_from_dict(SRConfig, TINY)
+    r = bench_train(cfg, steps=2, warmup=1, name='tiny')
+    assert r['config'] == 'tiny' and r['batch'] == 2 and r['patch'] == 32 and r['img_per_s'] > 0
+    assert r['img_per_s'] == pytest.approx(2 / r['sec_per_step'])
+    with pytest.raises(ValueError, match='Unknown variant'): bench_train(cfg, variant='fp8')
+    assert set(TRAIN_VARIANTS) >= {'fp32', 'bf16+cl', 'bf16+cl+compile'}
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TQDM_DISABLE': '1'}
+    return subprocess.run([str(Path(sys.executable).with_name('diffsr')), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+def test_cli_bench_train_and_sample(tmp_path):
+    import yaml
+    y = tmp_path / 'tiny.yaml'
+    y.write_text(yaml.safe_dump({'task': 'ddpm', **TINY, 'run': {'out': str(tmp_path / 'run'), 'steps': 2, 'progress': False}}))
+    r = _cli('bench', 'train', '--config', str(y), '--steps', '2', '--warmup', '1', '--json')
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rows[0]['config'] == 'tiny' and rows[0]['img_per_s'] > 0
+    r = _cli('train', '--config', str(y))  # a real (2-step) run to time the samplers on
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli('bench', 'sample', '--ckpt', f'mine={tmp_path / "run"}', '--runs', 'ddim:3', '--lr-size', '8', '--repeats', '1', '--json')
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(x['model'], x['sampler'], x['steps']) for x in rows] == [('mine', 'ddim', 3)] and rows[0]['ratio'] > 0
+    r = _cli('bench', 'sample', '--ckpt', str(tmp_path / 'run'), '--runs', 'euler:3')
+    assert r.returncode != 0 and 'ddpm or ddim' in r.stderr
