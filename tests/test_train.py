@@ -173,3 +173,28 @@ def test_ema_warmup_follows_data_initialised_weights(tmp_path):
     with torch.no_grad():
         pm = recon_metrics(model.modules['ae'], hr)['psnr']; pe = recon_metrics(ema.modules['ae'], hr)['psnr']
     assert pe > pm - 3.0, (pm, pe)
+
+
+# ---------------------------------------------------------------- Binder presets: < 2 GB of RAM
+BINDER = sorted(p.name for p in (Path(__file__).parents[1] / 'configs').glob('*_binder.yaml'))
+
+def test_every_sr_preset_has_a_binder_variant():
+    assert {'tiny_sr3_x4_binder.yaml', 'tiny_sr4_x4_binder.yaml', 'tiny_regression_x4_binder.yaml',
+            'tiny_vae_ddpm_x4_binder.yaml', 'tiny_vqvae_ddpm_x4_binder.yaml'} <= set(BINDER)
+
+@pytest.mark.parametrize('name', BINDER)
+def test_binder_preset_peak_memory_under_2gb(name, tmp_path):
+    # the real CLI in a fresh interpreter (a few steps, then the end-of-run validation and checkpoint);
+    # ru_maxrss of that process is the peak resident memory Binder's 2 GB limit applies to
+    import subprocess, sys
+    root = Path(__file__).parents[1]
+    code = ("import resource, sys; from diffsr_kit.cli import main; rc = main(sys.argv[1:]); "
+            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    r = subprocess.run([sys.executable, '-c', code, 'train', '--config', str(root / 'configs' / name), 'run.steps=3',
+                        f'run.out={tmp_path / "run"}', 'run.progress=false'],
+                       capture_output=True, text=True, cwd=root, timeout=600,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', 'TQDM_DISABLE': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    kb = int(r.stdout.split('MAXRSS_KB')[-1].split()[0])
+    assert kb < 2 * 1024 ** 2, f'{name}: peak RSS {kb / 1024:.0f} MB is over Binder\'s 2 GB'
+    assert (tmp_path / 'run' / 'ckpt' / 'latest').exists()
