@@ -208,6 +208,24 @@ def test_samples_trajectory_diversity_and_progress(files):
                  degradation='none', registry=REGISTRY)
     assert r2.metrics['steps'] == 5 and r2.std_map is None
 
+def test_trained_diffusion_checkpoint_in_the_demo(tmp_path, files):
+    # a real (2-step) DDPM run through checkpoint_model and upscale: samples, trajectory frames, std map
+    from diffsr_kit.config import config_from_dict
+    from diffsr_kit.demo import checkpoint_model
+    from diffsr_kit.tasks import SRConfig
+    from diffsr_kit.train import train
+    cfg = config_from_dict(SRConfig, {'model': {'base_ch': 16, 'ch_mult': [1, 2], 'n_res': 1, 'attn_res': [], 'image_size': 32},
+                                      'diffusion': {'T': 20}, 'data': {'patch': 32, 'scale': 2, 'batch': 2, 'val_images': 2},
+                                      'sample': {'steps': 3}, 'run': {'out': str(tmp_path / 'run'), 'steps': 2, 'progress': False}})
+    train(cfg)
+    reg = {}
+    register_model('ddpm-x2', lambda: checkpoint_model(tmp_path / 'run'), reg)
+    r = upscale(image=files['good'], sample=None, scale=2, model='ddpm-x2', sampler='ddim', steps=3, seed=0, n_samples=2,
+                degradation='none', registry=reg, cfg=DemoConfig(max_frames=10))
+    assert r.metrics['sampler'] == 'ddim' and r.metrics['steps'] == 3
+    assert len(r.samples) == 2 and len(r.trajectory) == 3 and r.trajectory[-1][1] == '3/3'
+    assert r.sr.shape[:2] == (2 * files['rgb'].shape[0], 2 * files['rgb'].shape[1]) and r.std_map is not None
+
 def test_registry_skips_missing_models_with_reason():
     reg = {}
     register_model('toy-x2', toy_model, reg); register_model('missing-x4', missing_model, reg)
