@@ -4,6 +4,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
   'syms': { 'diffsr_kit.bench': { 'diffsr_kit.bench._bench_images': ('api/bench.html#_bench_images', 'diffsr_kit/bench.py'),
                                   'diffsr_kit.bench._cpu_model': ('api/bench.html#_cpu_model', 'diffsr_kit/bench.py'),
                                   'diffsr_kit.bench._sync': ('api/bench.html#_sync', 'diffsr_kit/bench.py'),
+                                  'diffsr_kit.bench._task_runs': ('api/bench.html#_task_runs', 'diffsr_kit/bench.py'),
                                   'diffsr_kit.bench.bench_degrade': ('api/bench.html#bench_degrade', 'diffsr_kit/bench.py'),
                                   'diffsr_kit.bench.bench_sample': ('api/bench.html#bench_sample', 'diffsr_kit/bench.py'),
                                   'diffsr_kit.bench.bench_train': ('api/bench.html#bench_train', 'diffsr_kit/bench.py'),
