@@ -185,11 +185,12 @@ def test_every_sr_preset_has_a_binder_variant():
 @pytest.mark.parametrize('name', BINDER)
 def test_binder_preset_peak_memory_under_2gb(name, tmp_path):
     # the real CLI in a fresh interpreter (a few steps, then the end-of-run validation and checkpoint);
-    # ru_maxrss of that process is the peak resident memory Binder's 2 GB limit applies to
+    # the peak resident memory of that process is what Binder's 2 GB limit applies to
     import subprocess, sys
     root = Path(__file__).parents[1]
-    code = ("import resource, sys; from diffsr_kit.cli import main; rc = main(sys.argv[1:]); "
-            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    # VmHWM is this process's own peak (ru_maxrss would also carry the parent's peak across fork + exec on Linux)
+    code = ("import re, sys; from diffsr_kit.cli import main; rc = main(sys.argv[1:]); "
+            "print('MAXRSS_KB', re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
     r = subprocess.run([sys.executable, '-c', code, 'train', '--config', str(root / 'configs' / name), 'run.steps=3',
                         f'run.out={tmp_path / "run"}', 'run.progress=false'],
                        capture_output=True, text=True, cwd=root, timeout=600,
@@ -198,3 +199,16 @@ def test_binder_preset_peak_memory_under_2gb(name, tmp_path):
     kb = int(r.stdout.split('MAXRSS_KB')[-1].split()[0])
     assert kb < 2 * 1024 ** 2, f'{name}: peak RSS {kb / 1024:.0f} MB is over Binder\'s 2 GB'
     assert (tmp_path / 'run' / 'ckpt' / 'latest').exists()
+
+
+def test_a_notebook_class_never_replaces_a_module_task():
+    # nbdev-test runs many notebooks in one process: a task class defined in a notebook (module '__main__') must not
+    # shadow the package's class, whose config dataclass OmegaConf can resolve
+    from diffsr_kit.train import register_task, get_task
+    real = get_task('ddpm')
+    fake = type('NotebookDDPM', (real,), {'__module__': '__main__'})
+    register_task('ddpm')(fake)
+    assert get_task('ddpm') is real
+    register_task('notebook_only_task')(fake)  # a name only a notebook defines is still registered
+    assert get_task('notebook_only_task') is fake
+    TASKS.pop('notebook_only_task')
