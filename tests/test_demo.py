@@ -322,7 +322,10 @@ def _wait_http(url, proc, timeout):
 
 def test_cli_serves_until_ctrl_c(tmp_path):
     host, port = '127.0.0.2', free_port('127.0.0.2')  # a loopback address other than the default: warns, stays local
-    code = ("import faulthandler, signal; faulthandler.register(signal.SIGUSR1); "  # SIGUSR1: dump every thread's stack
+    # as in a terminal: Ctrl-C raises KeyboardInterrupt even when this test runs under a shell job that ignores SIGINT
+    # (bash starts background jobs with SIGINT ignored, and Python then installs no handler); SIGUSR1 dumps the stacks
+    code = ("import faulthandler, signal; faulthandler.register(signal.SIGUSR1); "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "import argparse, sys; from diffsr_kit.demo import demo_cli_args, demo_cli_run; "
             "p = argparse.ArgumentParser(); demo_cli_args(p); sys.exit(demo_cli_run(p.parse_args(sys.argv[1:])))")
     out, err = open(tmp_path / 'out', 'w'), open(tmp_path / 'err', 'w')
