@@ -872,6 +872,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'diffsr_kit.srddgan.SRDDGANTask.to_chain': ( 'api/srddgan.html#srddgantask.to_chain',
                                                                                  'diffsr_kit/srddgan.py'),
                                     'diffsr_kit.srddgan._time_input': ('api/srddgan.html#_time_input', 'diffsr_kit/srddgan.py'),
+                                    'diffsr_kit.srddgan.check_posterior_chain': ( 'api/srddgan.html#check_posterior_chain',
+                                                                                  'diffsr_kit/srddgan.py'),
                                     'diffsr_kit.srddgan.check_srddgan_config': ( 'api/srddgan.html#check_srddgan_config',
                                                                                  'diffsr_kit/srddgan.py'),
                                     'diffsr_kit.srddgan.posterior_step': ('api/srddgan.html#posterior_step', 'diffsr_kit/srddgan.py'),

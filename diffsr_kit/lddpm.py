@@ -16,10 +16,10 @@ from .core import make_generator
 from .diffusion import PARAMETERISATIONS, upsample_lr
 from .schedules import Schedule, SCHEDULES, get_schedule
 from .losses import GAN_LOSSES, LazyR1, PerceptualConfig, PerceptualLoss, LDDPM_VGG_LAYERS, VGG_MODES
-from .models.unet import UNet, UNetConfig, TIME_SCALES
+from .models.unet import UNet, UNetConfig
 from .models.ddgan import Discriminator, DiscConfig
 from .models.cvae import LDDPMConditioner, LDDPMCondConfig
-from .srddgan import SRDDGANTask, posterior_step, _time_input
+from .srddgan import SRDDGANTask, posterior_step, _time_input, check_posterior_chain
 from .train import Task, register_task, DataConfig, OptimConfig, SampleConfig
 from .tasks import SRConfig
 
@@ -120,15 +120,7 @@ def check_lddpm_config(cfg: LDDPMConfig) -> LDDPMConfig:
     if (c.scale, c.in_ch) != (cfg.data.scale, ch):
         raise ConfigError(f"cond.scale={c.scale}, cond.in_ch={c.in_ch} must equal data.scale={cfg.data.scale}, "
                           f"data.channels={ch}; set cond.scale={cfg.data.scale} cond.in_ch={ch}.")
-    if L.use_gan and (d.in_ch != ch or (d.use_lr and d.cond_ch != ch)):
-        raise ConfigError(f"disc.in_ch={d.in_ch} (and disc.cond_ch={d.cond_ch} with use_lr) must equal data.channels={ch}.")
-    if m.time not in TIME_SCALES or d.time not in TIME_SCALES:
-        raise ConfigError(f"model.time / disc.time must be one of {list(TIME_SCALES)}.")
-    if cfg.sample.sampler != 'ddpm':
-        raise ConfigError(f"sample.sampler='{cfg.sample.sampler}': LDDPM samples the GAN posterior ancestrally (eq. 15); "
-                          "set sample.sampler=ddpm.")
-    if not 1 <= cfg.sample.steps <= L.T:
-        raise ConfigError(f"sample.steps={cfg.sample.steps} but the chain has lddpm.T={L.T} steps; use 1..{L.T}.")
+    check_posterior_chain(cfg, L.T, 'lddpm.T', 'LDDPM samples the GAN posterior ancestrally (eq. 15)', disc=L.use_gan)
     p, s, k = cfg.data.patch, cfg.data.scale, lr_multiple(cfg)
     if p % s or (p // s) % k:
         raise ConfigError(f"data.patch={p} gives LR patches of {p / s:g} pixels, which must be whole and a multiple of {k} "

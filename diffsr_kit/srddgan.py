@@ -21,8 +21,8 @@ from .train import Task, register_task, DataConfig, OptimConfig, SampleConfig
 from .tasks import SRConfig
 
 # %% auto #0
-__all__ = ['GANConfig', 'SRDDGANConfig', 'check_srddgan_config', 'q_sample_pair', 'posterior_step', 'SRDDGANTask',
-           'sample_diverse']
+__all__ = ['GANConfig', 'SRDDGANConfig', 'check_posterior_chain', 'check_srddgan_config', 'q_sample_pair', 'posterior_step',
+           'SRDDGANTask', 'sample_diverse']
 
 # %% ../nbs/api/32_srddgan.ipynb #53611e38
 @dataclass
@@ -60,6 +60,22 @@ class SRDDGANConfig(SRConfig):
     # `diffusion` and `autoencoder` (inherited from SRConfig) are not used by this task: the chain is gan.schedule / gan.T
 
 # %% ../nbs/api/32_srddgan.ipynb #3c4da01a
+def check_posterior_chain(cfg, # an SRDDGAN or LDDPM config (has model, disc, data, sample)
+                          T: int, # steps of the GAN chain
+                          key: str, # the config key that sets T, for messages (e.g. 'gan.T')
+                          why: str, # how the model samples, for the sampler message
+                          disc: bool = True): # check the discriminator's channels too
+    "The checks every diffusion-GAN task shares: D sees data.channels, known time scales, ancestral sampling in 1..T steps."
+    c, d, m = cfg.data.channels, cfg.disc, cfg.model
+    if disc and (d.in_ch != c or (d.use_lr and d.cond_ch != c)):
+        raise ConfigError(f"disc.in_ch={d.in_ch} (and disc.cond_ch={d.cond_ch} with use_lr) must equal data.channels={c}.")
+    if d.time not in TIME_SCALES or m.time not in TIME_SCALES:
+        raise ConfigError(f"model.time / disc.time must be one of {list(TIME_SCALES)}.")
+    if cfg.sample.sampler != 'ddpm':
+        raise ConfigError(f"sample.sampler='{cfg.sample.sampler}': {why}; set sample.sampler=ddpm.")
+    if not 1 <= cfg.sample.steps <= T:
+        raise ConfigError(f"sample.steps={cfg.sample.steps} but the chain has {key}={T} steps; use 1..{T}.")
+
 def check_srddgan_config(cfg: SRDDGANConfig) -> SRDDGANConfig:
     "Raise a ConfigError naming the key and the fix when the sections do not fit together."
     g, m, d, c = cfg.gan, cfg.model, cfg.disc, cfg.data.channels
@@ -78,15 +94,7 @@ def check_srddgan_config(cfg: SRDDGANConfig) -> SRDDGANConfig:
         raise ConfigError(f"model.cond_ch={m.cond_ch} but the generator's condition has {want} channels ({why}); set model.cond_ch={want}.")
     if m.cond == 'none': raise ConfigError("model.cond='none' ignores the LR image; SRDDGAN is conditional: use model.cond=concat.")
     if g.use_rrdb and cfg.rrdb.in_ch != c: raise ConfigError(f"rrdb.in_ch={cfg.rrdb.in_ch} but data.channels={c}; set them equal.")
-    if d.in_ch != c or (d.use_lr and d.cond_ch != c):
-        raise ConfigError(f"disc.in_ch={d.in_ch} (and disc.cond_ch={d.cond_ch} with use_lr) must equal data.channels={c}.")
-    if d.time not in TIME_SCALES or m.time not in TIME_SCALES:
-        raise ConfigError(f"model.time / disc.time must be one of {list(TIME_SCALES)}.")
-    if cfg.sample.sampler != 'ddpm':
-        raise ConfigError(f"sample.sampler='{cfg.sample.sampler}': SRDDGAN samples its posterior ancestrally (Algorithm 2); "
-                          "set sample.sampler=ddpm.")
-    if not 1 <= cfg.sample.steps <= g.T:
-        raise ConfigError(f"sample.steps={cfg.sample.steps} but the chain has gan.T={g.T} steps; use 1..{g.T} (paper: {g.T}).")
+    check_posterior_chain(cfg, g.T, 'gan.T', 'SRDDGAN samples its posterior ancestrally (Algorithm 2)')
     div = 2 ** len(d.ch_mult)
     if cfg.data.patch % div:
         raise ConfigError(f"data.patch={cfg.data.patch} is not divisible by 2**len(disc.ch_mult)={div}; "
