@@ -76,6 +76,22 @@ def _print_rows(rows: list[dict], cols: list[str] | None = None):
     print('  '.join('-' * w[i] for i in range(len(cols))))
     for x in cells: print('  '.join(v.ljust(w[i]) for i, v in enumerate(x)))
 
+def _add_sampling_args(p):
+    "The sampling options `sample` and `eval` share."
+    p.add_argument('--sampler', default=None, help="'ddpm' or 'ddim' (default: the model's)")
+    p.add_argument('--steps', type=int, default=None, help='sampling steps (default: the model config)')
+    p.add_argument('--guidance-scale', type=float, default=None,
+                   help="CG-DPM only: s of eq. 13-15 (0 = the base model; default: the checkpoint's guide.guidance_scale)")
+
+def _predict_kwargs(task, a) -> dict:
+    "Keyword arguments for `task.predict` from the sampling options; an error if the model has no guided network."
+    import inspect
+    kw = {k: v for k, v in dict(sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale).items() if v is not None}
+    if 'guidance_scale' in kw and 'guidance_scale' not in inspect.signature(task.predict).parameters:
+        raise SystemExit(f"--guidance-scale: the '{task.name}' checkpoint has no guided network; "
+                         "use it with a CG-DPM checkpoint (e.g. assets/tiny_cgdpm_x4) or leave it out.")
+    return kw
+
 @register(DATA_COMMANDS, 'list', 'List the bundled images (offline) with modality, shape, split, source and licence')
 def _data_list_args(p):
     p.add_argument('--modality', default=None, help='only this modality (natural, face, texture, medical)')
@@ -205,8 +221,7 @@ def _sample_args(p):
     src.add_argument('--input', help='LR image file')
     src.add_argument('--hr', help='HR image file: degraded (classic bicubic by --scale) before super-resolving')
     p.add_argument('--scale', type=int, default=None, help="with --hr: downsampling factor (default: the model's)")
-    p.add_argument('--sampler', default=None, help="'ddpm' or 'ddim' (default: the model's)")
-    p.add_argument('--steps', type=int, default=None, help='sampling steps (default: the model config)')
+    _add_sampling_args(p)
     p.add_argument('--seed', type=int, default=0, help='seed of the sample')
     p.add_argument('--device', default=None, help='cpu, cuda, mps')
     p.add_argument('--out', required=True, help='output SR image (PNG)')
@@ -226,7 +241,7 @@ def _sample(a) -> int:
         lr01, _ = degrade(hr[None, :, :H, :W], DegradeConfig(pipeline='classic', scale=k), a.seed)
     else:
         lr01 = read_image_file(a.input, channels=task.cfg.data.channels)[None]
-    kw = {k: v for k, v in dict(sampler=a.sampler, steps=a.steps).items() if v is not None}
+    kw = _predict_kwargs(task, a)
     t0 = time.perf_counter()
     sr = task.predict(to_model(lr01).to(task.device), seed=a.seed, **kw)
     dt = time.perf_counter() - t0
@@ -242,8 +257,7 @@ def _eval_args(p):
     p.add_argument('--split', default='test', help='split of the bundled images')
     p.add_argument('--size', type=int, default=128, help='HR centre-crop size')
     p.add_argument('--samples', type=int, default=1, help='samples per image averaged into one estimate')
-    p.add_argument('--sampler', default=None, help="'ddpm' or 'ddim' (default: the model's)")
-    p.add_argument('--steps', type=int, default=None, help='sampling steps (default: the model config)')
+    _add_sampling_args(p)
     p.add_argument('--device', default=None, help='cpu, cuda, mps')
     p.add_argument('--json', action='store_true', help='print JSON')
 
@@ -253,7 +267,7 @@ def _eval(a) -> int:
     from diffsr_kit.bench import evaluate_sr
     task = load_task(a.ckpt, device=a.device)
     s, ch = task.cfg.data.scale, task.cfg.data.channels
-    kw = {k: v for k, v in dict(sampler=a.sampler, steps=a.steps).items() if v is not None}
+    kw = _predict_kwargs(task, a)
     pred = lambda lr, seed: task.predict(lr.to(task.device), seed=seed, **kw).cpu()
     steps = kw.get('steps', getattr(getattr(task.cfg, 'sample', None), 'steps', None))
     rows = []
