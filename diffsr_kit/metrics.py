@@ -497,6 +497,7 @@ class ConventionCard:
     hardware: str = field(default_factory=describe_hardware)  # where it ran
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())  # when it ran
     metrics: dict = field(default_factory=default_metric_implementations)  # metric name -> implementation (incl. LPIPS mode)
+    notes: dict = field(default_factory=dict)  # anything else a reader needs (skipped rows, missing weights), name -> text
 
     def __post_init__(self):
         if self.colour_space not in COLOUR_SPACES:
@@ -510,9 +511,9 @@ class ConventionCard:
                 ('crop border', f'{self.crop_border} px each side'), ('resize kernel', self.resize_kernel),
                 ('data range', f'[0, {self.data_range:g}]'), ('steps', self.steps), ('seeds', self.seeds),
                 ('images', self.n_images), ('hardware', self.hardware), ('date', self.date)]
-        rows += [(f'metric: {k}', v) for k, v in self.metrics.items()]
+        rows += [(f'metric: {k}', v) for k, v in self.metrics.items()] + list(self.notes.items())
         return '\n'.join(['| convention | value |', '|---|---|'] +
-                         [f"| {k} | {'n/a' if v is None else str(v).replace('|', '/')} |" for k, v in rows])
+                         [f"| {k} | {'n/a' if v is None else ' '.join(str(v).replace('|', '/').split())} |" for k, v in rows])
 
 # %% ../nbs/api/40_metrics.ipynb #0db23580
 def evaluate_batch(sr: torch.Tensor, # (N,C,H,W) SR outputs in [0,1]

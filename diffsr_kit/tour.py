@@ -12,13 +12,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .core import img2tensor
-from .data import SPLITS, IMAGES, load_image
+from .core import FAST
+from .data import IMAGES
 from .degrade import DegradeConfig, degrade
 
 # %% auto #0
-__all__ = ['SECTIONS', 'TourContext', 'Section', 'section', 'held_out_images', 'degradation_section', 'kernel_section',
-           'schedule_section', 'run_tour']
+__all__ = ['SECTIONS', 'TOUR_SR_METHODS', 'TourContext', 'Section', 'section', 'held_out_images', 'degradation_section',
+           'kernel_section', 'schedule_section', 'tour_sr_images', 'zoom_box', 'sr_section', 'run_tour']
 
 # %% ../nbs/api/70_tour.ipynb #703f8a13
 @dataclass
@@ -27,6 +27,8 @@ class TourContext:
     seed: int = 0                # seed for every random degradation
     size: int = 128              # HR crop size of the held-out images
     images: dict = field(default_factory=dict)  # name -> HR tensor (3, size, size) in [0, 1]
+    fast: bool = False           # fewer images and sampling steps (tests, docs)
+    sr_steps: int = 20           # DDIM steps of the diffusion rows in the SR section
 
 @dataclass
 class Section:
@@ -53,14 +55,8 @@ def _img(src: str, alt: str) -> str: return f'<img src="{html.escape(src)}" alt=
 def held_out_images(size: int = 128, # square centre crop
                     split: str = 'test') -> dict[str, torch.Tensor]:
     "Centre crops (3, size, size) in [0, 1] of every image in `split` that is at least `size` on each side."
-    out = {}
-    for name in SPLITS[split]:
-        a = load_image(name, channels=3)
-        H, W = a.shape[:2]
-        if min(H, W) < size: continue
-        y, x = (H - size) // 2, (W - size) // 2
-        out[name] = img2tensor(a[y:y + size, x:x + size])
-    return out
+    from diffsr_kit.bench import held_out_crops
+    return held_out_crops(split, size, channels=3)
 
 # %% ../nbs/api/70_tour.ipynb #8786dad2
 @section('degradations')
@@ -104,19 +100,85 @@ def schedule_section(ctx: TourContext) -> Section:
                    '<p>Cosine keeps ᾱ high for longer, so the image survives more of the chain (thesis Fig. 4.1; SR4 Fig. 3).</p>',
                    {'schedules': names, 'T': 1000})
 
+# %% ../nbs/api/70_tour.ipynb #7047aa99
+TOUR_SR_METHODS = ('bicubic', 'regression', 'sr3-ddim', 'sr4', 'vae-ddpm', 'srddgan')  # quality.QUALITY_METHODS keys shown
+
+def tour_sr_images(images: dict, # name -> (3,H,W) HR crop
+                   fast: bool = False, # keep one natural and one medical image
+                  ) -> dict:
+    "The images of the SR section: all of them, or in fast mode the first non-medical and the first medical one."
+    if not fast: return dict(images)
+    first = lambda med: [n for n in images if (IMAGES[n].modality == 'medical') == med][:1]
+    return {n: images[n] for n in first(False) + first(True)}
+
+def zoom_box(hr: torch.Tensor, # (C,H,W) in [0, 1]
+             side: int = 32, # window side in pixels
+            ) -> tuple[int, int]:
+    "(y, x) of the side x side window (stride side/2) whose grey levels vary most: where the detail is."
+    g = hr.float().mean(0, keepdim=True)[None]
+    k, st = side, max(1, side // 2)
+    m, m2 = torch.nn.functional.avg_pool2d(g, k, st), torch.nn.functional.avg_pool2d(g * g, k, st)
+    i = int((m2 - m * m)[0, 0].flatten().argmax())
+    return (i // m.shape[-1]) * st, (i % m.shape[-1]) * st
+
+@section('sr')
+def sr_section(ctx: TourContext) -> Section:
+    "Held-out natural and medical images super-resolved by every shipped model, zoomed crops, the quality table and its card."
+    from dataclasses import replace
+    from matplotlib.patches import Rectangle
+    from diffsr_kit.core import show_images, tensor2pil
+    from diffsr_kit.quality import (QUALITY_METHODS, PROTOCOL, quality_card, lpips_or_reason, run_methods, protocol_lr,
+                                    quantise8, format_quality_table, card_html)
+    imgs = tour_sr_images(ctx.images, ctx.fast)
+    names = list(imgs)
+    hr = quantise8(torch.stack([imgs[n] for n in names]))
+    protocol = replace(PROTOCOL, size=ctx.size, seed=ctx.seed)
+    methods = {k: replace(m, steps=ctx.sr_steps) if m.sampler == 'ddim' else m
+               for k, m in ((k, QUALITY_METHODS[k]) for k in TOUR_SR_METHODS)}
+    lp, note = lpips_or_reason(protocol.lpips_net)
+    card = quality_card(protocol, names, None, note, batch=len(names))
+    card.notes['tour'] = (f'DDIM rows sample {ctx.sr_steps} steps (diffsr bench quality uses 50)' +
+                          (' (fast mode: fewer images and steps; a plumbing check, not a result)' if ctx.fast else ''))
+    res = run_methods(hr, methods, card, protocol, lp, batch=len(names), progress=False)
+    lr = protocol_lr(hr, protocol)
+    (ctx.out / 'sr').mkdir(exist_ok=True)
+    files, blocks = {}, []
+    for i, n in enumerate(names):
+        f = {'hr': f'sr/{n}_hr.png', 'lr': f'sr/{n}_lr.png'} | {r.key: f'sr/{n}_{r.key}.png' for r in res}
+        for k, img in [('hr', hr[i]), ('lr', lr[i])] + [(r.key, r.sr[i]) for r in res]: tensor2pil(img).save(ctx.out / f[k])
+        files[n] = f
+        y, x = zoom_box(hr[i])
+        panels = [torch.nn.functional.interpolate(lr[i][None], size=hr.shape[-2:], mode='nearest')[0]] + [r.sr[i] for r in res] + [hr[i]]
+        titles = ['LR (nearest)'] + [f"{r.method.label}\n{r.per_image['psnr'][i]:.2f} dB" for r in res] + ['HR']
+        fig = show_images(panels + [p[:, y:y + 32, x:x + 32] for p in panels], titles + ['zoom'] * len(panels), ncols=len(panels), size=1.9)
+        fig.axes[len(panels) - 1].add_patch(Rectangle((x - .5, y - .5), 32, 32, fill=False, edgecolor='red', linewidth=1.5))
+        png = _save_fig(fig, ctx.out / f'sr_{n}.png')
+        links = ' '.join(f'<a href="{html.escape(v)}">{html.escape(k)}</a>' for k, v in f.items())
+        blocks.append(f'<h3>{html.escape(n)} ({IMAGES[n].modality})</h3>{_img(png, n)}<p>Full-size PNGs: {links}</p>')
+    rows = [r.row() for r in res]
+    body = ('<p>Classic bicubic ×4 LR images, super-resolved by every shipped model (PSNR in each title). '
+            'Higher PSNR rewards the average, not the detail: compare the zoomed windows.</p>' +
+            format_quality_table(rows, 'html') + '<h3>Convention card</h3>' + card_html(card) + ''.join(blocks))
+    per = {r.key: {n: {k: r.per_image[k][i] for k in ('psnr', 'ssim', 'lr_psnr')} for i, n in enumerate(names)} for r in res}
+    return Section('Super-resolution, measured', body,
+                   {'convention': card.to_dict(), 'rows': rows, 'per_image': per, 'files': files, 'steps': ctx.sr_steps})
+
 # %% ../nbs/api/70_tour.ipynb #e1a71662
 _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>diffsr_kit tour</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}} h2{{border-bottom:1px solid #ccc}}</style>
 </head><body><h1>diffsr_kit tour</h1><p>{intro}</p>{toc}{body}</body></html>"""
 
 def run_tour(out: str | Path = 'tour', # output folder
-             seed: int = 0, # seed of the random degradations
+             seed: int = 0, # seed of the random degradations and of the SR samples
              size: int = 128, # HR crop size
              sections: list[str] | None = None, # names from SECTIONS; None: all
+             fast: bool | None = None, # fewer images and steps in the SR section; None: diffsr_kit.core.FAST
+             sr_steps: int | None = None, # DDIM steps of the SR section; None: 4 in fast mode, else 20
             ) -> Path:
     "Run every tour section on the held-out images; write PNGs, `metrics.json` and `index.html`; return the index path."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    ctx = TourContext(out, seed, size, held_out_images(size))
+    fast = FAST if fast is None else bool(fast)
+    ctx = TourContext(out, seed, size, held_out_images(size), fast, sr_steps or (4 if fast else 20))
     names = sections or list(SECTIONS)
     unknown = [n for n in names if n not in SECTIONS]
     if unknown: raise KeyError(f"Unknown tour section(s) {unknown}; available: {list(SECTIONS)}")
@@ -127,9 +189,9 @@ def run_tour(out: str | Path = 'tour', # output folder
         print(f'tour: {n:<14} {times[n]:6.1f} s')
     toc = '<ul>' + ''.join(f'<li><a href="#{n}">{html.escape(s.title)}</a></li>' for n, s in done) + '</ul>'
     body = ''.join(f'<h2 id="{n}">{html.escape(s.title)}</h2>{s.body}' for n, s in done)
-    intro = (f'Held-out images (test split): {", ".join(ctx.images)}. Seed {seed}. '
+    intro = (f'Held-out images (test split): {", ".join(ctx.images)}. Seed {seed}. ' + ('Fast mode. ' if fast else '') +
              f'Generated {time.strftime("%Y-%m-%d %H:%M")}.')
-    (out / 'metrics.json').write_text(json.dumps({'seed': seed, 'size': size, 'images': list(ctx.images),
+    (out / 'metrics.json').write_text(json.dumps({'seed': seed, 'size': size, 'images': list(ctx.images), 'fast': fast,
                                                    'seconds': times, 'sections': numbers}, indent=1, default=str))
     index = out / 'index.html'
     index.write_text(_PAGE.format(intro=html.escape(intro), toc=toc, body=body), encoding='utf-8')

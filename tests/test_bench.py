@@ -103,9 +103,37 @@ def test_bench_train_row_and_bad_variant():
     cfg = config_from_dict(SRConfig, TINY)
     r = bench_train(cfg, steps=2, warmup=1, name='tiny')
     assert r['config'] == 'tiny' and r['batch'] == 2 and r['patch'] == 32 and r['img_per_s'] > 0
-    assert r['img_per_s'] == pytest.approx(2 / r['sec_per_step'])
+    assert r['img_per_s'] == pytest.approx(2 / r['sec_per_step']) and r['step_ms'] == pytest.approx(1e3 * r['sec_per_step'])
+    assert r['mfu'] == pytest.approx(r['flops_per_img'] * r['img_per_s'] / r['peak_flops'])
+    assert r['mfu'] > 0 and r['peak_mem_kind'] in ('rss_peak_since_reset', 'rss_peak_of_process') and r['peak_mem_mb'] > 0
     with pytest.raises(ValueError, match='Unknown variant'): bench_train(cfg, variant='fp8')
     assert set(TRAIN_VARIANTS) >= {'fp32', 'bf16+cl', 'bf16+cl+compile'}
+
+def test_bench_train_flops_match_torch_flop_counter():
+    # the FLOPs per image bench_train reports (traced on the meta device) against torch's own FlopCounterMode on one
+    # real forward + backward of the same DDPM training loss on the CPU, with the math attention kernel both count alike
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = config_from_dict(SRConfig, TINY)
+    r = bench_train(cfg, steps=1, warmup=1)
+    torch.manual_seed(0)
+    task = DDPMTask(cfg, torch.device('cpu'), pretrained=False)
+    hr = torch.rand(2, 3, 32, 32) * 2 - 1
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        loss, _ = task.loss('main', {'hr': hr, 'lr': torch.nn.functional.avg_pool2d(hr, 4)}, 1)
+        loss.backward()
+    assert r['flops_per_img'] == pytest.approx(fc.get_total_flops() / 2, rel=1e-9)
+
+def test_flop_matched_reference_is_within_15_percent():
+    from diffsr_kit.bench import match_reference
+    from diffsr_kit.dist import build_on_meta, trace_train_step
+    for cfg in (config_from_dict(SRConfig, TINY),
+                config_from_dict(SRConfig, {**TINY, 'model': {**TINY['model'], 'base_ch': 32, 'attn_res': [16]}})):
+        target = trace_train_step(build_on_meta(cfg)[0], cfg)['flops_per_img']
+        rc, ratio = match_reference(cfg, target)
+        check = trace_train_step(build_on_meta(rc)[0], rc)['flops_per_img'] / target
+        assert abs(ratio - 1) <= 0.15 and ratio == pytest.approx(check)
+        assert len(rc.ref.block_out_channels) == len(cfg.model.ch_mult) and rc.ref.layers_per_block == cfg.model.n_res
 
 def _cli(*args, cwd=None):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TQDM_DISABLE': '1'}
@@ -117,8 +145,12 @@ def test_cli_bench_train_and_sample(tmp_path):
     y.write_text(yaml.safe_dump({'task': 'ddpm', **TINY, 'run': {'out': str(tmp_path / 'run'), 'steps': 2, 'progress': False}}))
     r = _cli('bench', 'train', '--config', str(y), '--steps', '2', '--warmup', '1', '--json')
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert rows[0]['config'] == 'tiny' and rows[0]['img_per_s'] > 0
+    row = json.loads(r.stdout.strip().splitlines()[-1])   # one config and variant: one object
+    assert {'config', 'device', 'img_per_s', 'step_ms', 'peak_mem_mb', 'flops_per_img', 'mfu', 'reference'} <= set(row)
+    assert row['config'] == 'tiny' and row['img_per_s'] > 0 and row['mfu'] > 0 and row['flops_per_img'] > 0
+    ref = row['reference']
+    assert ref['model'] == 'diffusers.UNet2DModel' and abs(ref['flops_ratio'] - 1) <= 0.15 and ref['img_per_s'] > 0
+    assert {'step_ms', 'peak_mem_mb', 'flops_per_img', 'mfu', 'block_out_channels'} <= set(ref)
     r = _cli('train', '--config', str(y))  # a real (2-step) run to time the samplers on
     assert r.returncode == 0, r.stderr[-2000:]
     r = _cli('bench', 'sample', '--ckpt', f'mine={tmp_path / "run"}', '--runs', 'ddim:3', '--lr-size', '8', '--repeats', '1', '--json')

@@ -63,12 +63,10 @@ def test_bench_degrade_json():
     assert set(res) >= {'batched_img_per_s', 'per_image_img_per_s', 'device', 'batch', 'size'}
     assert res['batch'] == 4 and res['size'] == 32 and res['batched_img_per_s'] > 0
 
-def test_tour_writes_every_section(tmp_path):
-    run('tour', '--out', tmp_path / 'tour')
-    page = (tmp_path / 'tour' / 'index.html').read_text()
+def test_tour_sections_option(tmp_path):
+    "`diffsr tour --sections` runs only those (the full tour, SR included, is tested in tests/test_tour.py)."
+    run('tour', '--out', tmp_path / 'tour', '--sections', 'kernels,schedules')
     m = json.loads((tmp_path / 'tour' / 'metrics.json').read_text())
-    from diffsr_kit.tour import SECTIONS
-    assert set(m['sections']) == set(SECTIONS)
-    for name in SECTIONS: assert f'id="{name}"' in page
-    for img in (tmp_path / 'tour').glob('*.png'): assert img.name in page
-    assert {'astronaut', 'brain_mri'} <= set(m['images'])
+    assert list(m['sections']) == ['kernels', 'schedules']
+    r = run('tour', '--out', tmp_path / 'tour', '--sections', 'nope', ok=False)
+    assert r.returncode == 2 and 'Unknown tour section' in r.stderr
