@@ -980,6 +980,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'diffsr_kit.srddgan.SRDDGANTask._D': ('api/srddgan.html#srddgantask._d', 'diffsr_kit/srddgan.py'),
                                     'diffsr_kit.srddgan.SRDDGANTask.__init__': ( 'api/srddgan.html#srddgantask.__init__',
                                                                                  'diffsr_kit/srddgan.py'),
+                                    'diffsr_kit.srddgan.SRDDGANTask._d_phase': ( 'api/srddgan.html#srddgantask._d_phase',
+                                                                                 'diffsr_kit/srddgan.py'),
                                     'diffsr_kit.srddgan.SRDDGANTask._fake': ('api/srddgan.html#srddgantask._fake', 'diffsr_kit/srddgan.py'),
                                     'diffsr_kit.srddgan.SRDDGANTask._z': ('api/srddgan.html#srddgantask._z', 'diffsr_kit/srddgan.py'),
                                     'diffsr_kit.srddgan.SRDDGANTask.chain_shape': ( 'api/srddgan.html#srddgantask.chain_shape',

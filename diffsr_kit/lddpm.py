@@ -136,6 +136,7 @@ class LDDPMTask(Task):
     "LDDPM: conditioner (tau_theta, CVAE, Glow) + U-Net with cross-attention as G, D(x_{t-1}, x_t, t); eq. 7-18."
     config_cls = LDDPMConfig
     _z, _fake, _D, chain_shape = SRDDGANTask._z, SRDDGANTask._fake, SRDDGANTask._D, SRDDGANTask.chain_shape
+    _d_phase = SRDDGANTask._d_phase
 
     def __init__(self, cfg: LDDPMConfig, device, pretrained: bool = True):
         super().__init__(cfg, device, pretrained)
@@ -213,13 +214,7 @@ class LDDPMTask(Task):
             with torch.no_grad():
                 cond, _ = self.condition(lr, hr)
                 t, x_prev, xt, _, fake = self._fake(x0, lr, cond)
-            due = self.r1.gamma > 0 and self.r1.due(step)
-            x_prev = x_prev.detach().requires_grad_(due)
-            real_logits, fake_logits = self._D(x_prev, xt, t, lr), self._D(fake, xt, t, lr)
-            adv = self.gan_loss.d(real_logits, fake_logits)
-            r1 = self.r1(step, real_logits, x_prev) if due else adv.new_zeros(())
-            return adv + r1, {'d_loss': adv.detach(), 'r1': r1.detach(), 'd_real': real_logits.mean().detach(),
-                              'd_fake': fake_logits.mean().detach()}
+            return self._d_phase(step, x_prev, xt, t, fake, lr)
         if phase != 'g': raise ValueError(f"Unknown phase {phase!r}; LDDPM has phases 'd' and 'g' ('g' only without the GAN).")
         w, s = self.terms, self.schedule
         cond, aux = self.condition(lr, hr)                        # eq. 8-12, CVAE Z from the posterior

@@ -213,6 +213,16 @@ class SRDDGANTask(Task):
         if not frozen: return D(*args)
         return torch.func.functional_call(D, {k: v.detach() for k, v in D.named_parameters()}, args)
 
+    def _d_phase(self, step, x_prev, xt, t, fake, lr):
+        "Eq. 21 for D on a real and a fake pair at the same x_t, plus the lazy R1 penalty on the real x_{t-1}."
+        due = self.r1.gamma > 0 and self.r1.due(step)
+        x_prev = x_prev.detach().requires_grad_(due)
+        real_logits, fake_logits = self._D(x_prev, xt, t, lr), self._D(fake, xt, t, lr)
+        adv = self.gan_loss.d(real_logits, fake_logits)
+        r1 = self.r1(step, real_logits, x_prev) if due else adv.new_zeros(())
+        return adv + r1, {'d_loss': adv.detach(), 'r1': r1.detach(), 'd_real': real_logits.mean().detach(),
+                          'd_fake': fake_logits.mean().detach()}
+
     def loss(self, phase, batch, step):
         "Phase 'd': eq. 21 (+ lazy R1 on real pairs); phase 'g': eq. 22 (adversarial + content + style [+ pixel])."
         hr, lr = batch['hr'], batch['lr']
@@ -220,13 +230,7 @@ class SRDDGANTask(Task):
         if phase == 'd':
             with torch.no_grad():
                 t, y_prev, yt, _, fake = self._fake(y0, lr, self.condition(lr))
-            due = self.r1.gamma > 0 and self.r1.due(step)
-            y_prev = y_prev.detach().requires_grad_(due)
-            real_logits, fake_logits = self._D(y_prev, yt, t, lr), self._D(fake, yt, t, lr)
-            adv = self.gan_loss.d(real_logits, fake_logits)
-            r1 = self.r1(step, real_logits, y_prev) if due else adv.new_zeros(())
-            return adv + r1, {'d_loss': adv.detach(), 'r1': r1.detach(), 'd_real': real_logits.mean().detach(),
-                              'd_fake': fake_logits.mean().detach()}
+            return self._d_phase(step, y_prev, yt, t, fake, lr)
         if phase != 'g': raise ValueError(f"Unknown phase {phase!r}; SRDDGAN has phases 'd' and 'g'.")
         g = self.cfg.gan
         t, _, yt, pred, fake = self._fake(y0, lr, self.condition(lr))
