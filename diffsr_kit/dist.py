@@ -94,9 +94,13 @@ def init(device=None, # the run's device preference (run.device)
     tdist.init_process_group(BACKENDS[dev.type], **kw)
     return current(), True
 
-def shutdown(created: bool = True): # only leave a group this process created (see `init`)
-    "Leave the process group (if `created`)."
-    if created and tdist.is_available() and tdist.is_initialized(): tdist.destroy_process_group()
+def shutdown(created: bool = True, # only leave a group this process created (see `init`)
+             wait: bool = True, # meet every rank first; False after an error (the other ranks may never arrive)
+            ):
+    "Leave the process group (if `created`); with `wait`, only once every rank has got here."
+    if not (created and tdist.is_available() and tdist.is_initialized()): return
+    if wait: tdist.barrier()  # a rank that closes its connections while a peer still reads can abort that peer (gloo)
+    tdist.destroy_process_group()
 
 # %% ../nbs/api/35_dist.ipynb #5864e43f
 def micro_steps(batch: int, # data.batch: images per micro-batch on one device
@@ -245,6 +249,7 @@ def selftest(out: str | None = None, # folder: rank r writes rank{r}.json there
     "Check this job's collectives and time an all-reduce of `mb` MB (bus bandwidth as NCCL's tests define it)."
     info, created = init(device)
     dev = device_for(device, info)
+    done = False
     try:
         r, W = info.rank, info.world
         p = nn.Parameter(torch.zeros(5, device=dev)); p.grad = torch.full((5,), float(r + 1), device=dev)
@@ -263,9 +268,10 @@ def selftest(out: str | None = None, # folder: rank r writes rank{r}.json there
                    allreduce_mb=mb, allreduce_s=round(dt, 6), bus_gb_per_s=round(bus, 3))
         if out is not None:
             Path(out).mkdir(parents=True, exist_ok=True); (Path(out) / f'rank{r}.json').write_text(json.dumps(res))
+        done = True
         return res
     finally:
-        shutdown(created)
+        shutdown(created, wait=done)
 
 # %% ../nbs/api/35_dist.ipynb #e5801e20
 class MetaScalars(TorchDispatchMode):
