@@ -60,9 +60,9 @@ def norm_groups(ch: int, max_groups: int = 32) -> int:
     "Largest divisor of `ch` not above `max_groups` (GroupNorm group count)."
     return max(g for g in range(1, min(ch, max_groups) + 1) if ch % g == 0)
 
-def group_norm(ch: int) -> nn.GroupNorm:
-    "GroupNorm with `norm_groups(ch)` groups."
-    return nn.GroupNorm(norm_groups(ch), ch)
+def group_norm(ch: int, max_groups: int = 32) -> nn.GroupNorm:
+    "GroupNorm with `norm_groups(ch, max_groups)` groups."
+    return nn.GroupNorm(norm_groups(ch, max_groups), ch)
 
 def zero_module(m: nn.Module) -> nn.Module:
     "Set all parameters of `m` to zero (in place) and return it."
@@ -88,11 +88,12 @@ class ResBlock(nn.Module):
                  emb_dim: int, # width of the time embedding
                  dropout: float = 0.0, # dropout before the last conv
                  style_dim: int = 0, # >0: width of the style vector w that also modulates both norms (SRDDGAN)
+                 groups: int = 32, # GroupNorm groups at most (`norm_groups`)
                 ):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(in_ch, groups), nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch))
-        self.norm2, self.drop = group_norm(out_ch), nn.Dropout(dropout)
+        self.norm2, self.drop = group_norm(out_ch, groups), nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.style1 = nn.Linear(style_dim, 2 * in_ch) if style_dim else None
@@ -146,10 +147,11 @@ class SelfAttention2d(nn.Module):
     "Multi-head self-attention over the H*W positions of a feature map, residual, zero-initialised output."
     def __init__(self, ch: int, # channels C
                  heads: int = 4, # number of heads n (C % n == 0)
+                 groups: int = 32, # GroupNorm groups at most (`norm_groups`)
                 ):
         super().__init__()
         _check_heads(ch, heads)
-        self.heads, self.norm = heads, group_norm(ch)
+        self.heads, self.norm = heads, group_norm(ch, groups)
         self.qkv = nn.Linear(ch, 3 * ch)
         self.proj = zero_module(nn.Linear(ch, ch))
 
@@ -165,10 +167,11 @@ class CrossAttention2d(nn.Module):
     def __init__(self, ch: int, # channels C of the feature map (queries)
                  ctx_ch: int, # width of the context tokens (keys / values)
                  heads: int = 4, # number of heads n (C % n == 0)
+                 groups: int = 32, # GroupNorm groups at most (`norm_groups`)
                 ):
         super().__init__()
         _check_heads(ch, heads)
-        self.heads, self.ctx_ch, self.norm = heads, ctx_ch, group_norm(ch)
+        self.heads, self.ctx_ch, self.norm = heads, ctx_ch, group_norm(ch, groups)
         self.to_q = nn.Linear(ch, ch)
         self.to_k, self.to_v = nn.Linear(ctx_ch, ch), nn.Linear(ctx_ch, ch)
         self.proj = zero_module(nn.Linear(ch, ch))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .layers import (TimeEmbedding, MappingNetwork, ResBlock, Downsample, Upsample,
-                                      SelfAttention2d, CrossAttention2d, group_norm, zero_module, count_params)
+                                      SelfAttention2d, CrossAttention2d, group_norm, norm_groups, zero_module, count_params)
 
 # %% auto #0
 __all__ = ['TIME_SCALES', 'CONDITIONING', 'UNetConfig', 'NoCond', 'ConcatCond', 'MultiscaleCond', 'MiddleCond', 'LatentCond',
@@ -43,6 +43,7 @@ class UNetConfig:
     ctx_ch: int = 0              # >0: channels of LR-encoder tokens attended to by cross-attention in the middle (LDDPM eq. 8)
     image_size: int = 64         # side of x_t the net is built for; only used to place attention by attn_res
     checkpoint: bool = False     # activation checkpointing: recompute each encoder/decoder block in backward (less memory, ~1/3 more compute)
+    norm_groups: int = 32        # GroupNorm groups at most (DDPM/SR3: 32 on >= 128 channels); fewer keep more channels per group
 
     @property
     def n_out(self) -> int:
@@ -74,6 +75,8 @@ class UNetConfig:
             raise ValueError(f"attn_res={tuple(self.attn_res)} asks for attention at size(s) {missing}, but with image_size="
                              f"{self.image_size} the levels have sizes {self.level_sizes}; pick sizes from that list "
                              f"(or attn_res=() for attention only in the middle).")
+        if self.norm_groups < 1:
+            raise ValueError(f"norm_groups={self.norm_groups} must be >= 1 (32 is the DDPM choice).")
         for w in {self.base_ch * m for m in self.ch_mult}:
             if w % self.heads:
                 raise ValueError(f"Width {w} (base_ch * ch_mult) is not divisible by heads={self.heads}; choose heads dividing every width.")
@@ -194,8 +197,9 @@ class UNet(nn.Module):
         self.time_embed = TimeEmbedding(base, emb_dim, scale=TIME_SCALES[cfg.time])
         self.mapping = MappingNetwork(cfg.z_dim, emb_dim) if cfg.z_dim else None
         self.cond = CONDITIONING[cfg.cond](cfg)
-        res = lambda cin, cout: ResBlock(cin, cout, emb_dim, cfg.dropout, style_dim)
-        sattn = lambda c: SelfAttention2d(c, cfg.heads)
+        G = cfg.norm_groups
+        res = lambda cin, cout: ResBlock(cin, cout, emb_dim, cfg.dropout, style_dim, G)
+        sattn = lambda c: SelfAttention2d(c, cfg.heads, G)
 
         self.in_conv = nn.Conv2d(cfg.in_ch + self.cond.in_extra, base, 3, padding=1)
         skips, ch = [base], base
@@ -211,7 +215,7 @@ class UNet(nn.Module):
                 self.downsample.append(Downsample(ch)); skips.append(ch)
 
         self.mid1, self.mid_attn = res(ch, ch), sattn(ch)
-        self.mid_xattn = CrossAttention2d(ch, cfg.ctx_ch, cfg.heads) if cfg.ctx_ch else None
+        self.mid_xattn = CrossAttention2d(ch, cfg.ctx_ch, cfg.heads, G) if cfg.ctx_ch else None
         self.mid2 = res(ch, ch)
 
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
@@ -222,7 +226,7 @@ class UNet(nn.Module):
                 ch = chs[i]
             self.up.append(blocks)
             if i > 0: self.upsample.append(Upsample(ch))
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.n_out, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch, G), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.n_out, 3, padding=1)))
 
     @property
     def needs_lr(self) -> bool:
