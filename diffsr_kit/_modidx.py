@@ -376,6 +376,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'diffsr_kit.dist.estimate_run': ('api/dist.html#estimate_run', 'diffsr_kit/dist.py'),
                                  'diffsr_kit.dist.format_estimate': ('api/dist.html#format_estimate', 'diffsr_kit/dist.py'),
                                  'diffsr_kit.dist.init': ('api/dist.html#init', 'diffsr_kit/dist.py'),
+                                 'diffsr_kit.dist.joined': ('api/dist.html#joined', 'diffsr_kit/dist.py'),
                                  'diffsr_kit.dist.launch_local': ('api/dist.html#launch_local', 'diffsr_kit/dist.py'),
                                  'diffsr_kit.dist.micro_batch_ids': ('api/dist.html#micro_batch_ids', 'diffsr_kit/dist.py'),
                                  'diffsr_kit.dist.micro_steps': ('api/dist.html#micro_steps', 'diffsr_kit/dist.py'),

@@ -19,8 +19,8 @@ from .core import get_device
 from .config import ConfigError, config_from_dict
 
 # %% auto #0
-__all__ = ['BACKENDS', 'ARCH_FROM_FILES', 'DistInfo', 'env_info', 'current', 'device_for', 'init', 'shutdown', 'micro_steps',
-           'micro_batch_ids', 'rank_seed', 'broadcast_tensors', 'broadcast_state', 'all_reduce_grads',
+__all__ = ['BACKENDS', 'ARCH_FROM_FILES', 'DistInfo', 'env_info', 'current', 'device_for', 'init', 'shutdown', 'joined',
+           'micro_steps', 'micro_batch_ids', 'rank_seed', 'broadcast_tensors', 'broadcast_state', 'all_reduce_grads',
            'all_reduce_mean', 'broadcast_float', 'all_gather_object', 'barrier', 'check_in_sync', 'launch_local',
            'selftest', 'MetaScalars', 'FlopCount', 'trace_train_step', 'read_autoencoder_config', 'build_on_meta',
            'estimate_run', 'format_estimate']
@@ -101,6 +101,15 @@ def shutdown(created: bool = True, # only leave a group this process created (se
     if not (created and tdist.is_available() and tdist.is_initialized()): return
     if wait: tdist.barrier()  # a rank that closes its connections while a peer still reads can abort that peer (gloo)
     tdist.destroy_process_group()
+
+@contextlib.contextmanager
+def joined(device=None): # the run's device preference (see `init`)
+    "`init` on entry; on exit `shutdown` of the group it created: after a barrier normally, at once after an error."
+    info, created = init(device)
+    try: yield info
+    except BaseException:
+        shutdown(created, wait=False); raise
+    shutdown(created)
 
 # %% ../nbs/api/35_dist.ipynb #5864e43f
 def micro_steps(batch: int, # data.batch: images per micro-batch on one device
@@ -247,10 +256,8 @@ def selftest(out: str | None = None, # folder: rank r writes rank{r}.json there
              mb: float = 64.0, # size of the timed all-reduce in MB
             ) -> dict:
     "Check this job's collectives and time an all-reduce of `mb` MB (bus bandwidth as NCCL's tests define it)."
-    info, created = init(device)
-    dev = device_for(device, info)
-    done = False
-    try:
+    with joined(device) as info:
+        dev = device_for(device, info)
         r, W = info.rank, info.world
         p = nn.Parameter(torch.zeros(5, device=dev)); p.grad = torch.full((5,), float(r + 1), device=dev)
         all_reduce_grads([p])
@@ -268,10 +275,7 @@ def selftest(out: str | None = None, # folder: rank r writes rank{r}.json there
                    allreduce_mb=mb, allreduce_s=round(dt, 6), bus_gb_per_s=round(bus, 3))
         if out is not None:
             Path(out).mkdir(parents=True, exist_ok=True); (Path(out) / f'rank{r}.json').write_text(json.dumps(res))
-        done = True
         return res
-    finally:
-        shutdown(created, wait=done)
 
 # %% ../nbs/api/35_dist.ipynb #e5801e20
 class MetaScalars(TorchDispatchMode):

@@ -437,13 +437,8 @@ def train(cfg, # a run config (a task's `config_cls` instance)
     cls = get_task(cfg.task)
     if cfg.run.compile and cfg.run.compile not in COMPILE_MODES:
         raise ConfigError(f"Unknown run.compile '{cfg.run.compile}'; use '' (off) or one of {list(COMPILE_MODES)}.")
-    D, own_group = dist.init(cfg.run.device)
-    ok = False
-    try:
-        run = _train(cfg, cls, D, resume, callback); ok = True
-        return run
-    finally:
-        dist.shutdown(own_group, wait=ok)
+    with dist.joined(cfg.run.device) as D:
+        return _train(cfg, cls, D, resume, callback)
 
 def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
     device = dist.device_for(cfg.run.device, D)

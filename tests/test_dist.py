@@ -51,9 +51,8 @@ def _worker(root: str, jobs: list):
     torch.set_num_threads(1)   # one thread, as the single-process runs: see `runs`
     # the 25x25 LFW crops are below patch 32 and every train() says so: keep the captured stderr for real errors
     warnings.filterwarnings('ignore', message='Left out')
-    info, created = dist.init('cpu')
-    r, ok = info.rank, False
-    try:
+    with dist.joined('cpu') as info:
+        r = info.rank
         for name, task, steps, kill_at, resume in jobs:
             cfg = cfg_for(Path(root) / name, task, steps)
             if kill_at:
@@ -71,9 +70,6 @@ def _worker(root: str, jobs: list):
         try: dist.check_in_sync(t.modules, 7); caught = ''
         except RuntimeError as e: caught = str(e)
         (Path(root) / f'guard.rank{r}.txt').write_text(caught)
-        ok = True
-    finally:
-        dist.shutdown(created, wait=ok)
 
 def _weights(path):
     return load_file(str(path))
