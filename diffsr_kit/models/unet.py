@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .layers import (TimeEmbedding, MappingNetwork, ResBlock, Downsample, Upsample,
-                                      SelfAttention2d, CrossAttention2d, group_norm, norm_groups, zero_module, count_params)
+                                      SelfAttention2d, CrossAttention2d, group_norm, zero_module, count_params)
 
 # %% auto #0
 __all__ = ['TIME_SCALES', 'CONDITIONING', 'UNetConfig', 'NoCond', 'ConcatCond', 'MultiscaleCond', 'MiddleCond', 'LatentCond',
