@@ -15,7 +15,7 @@ import torch
 from dataclasses import dataclass, field
 from torch import nn
 
-from .core import get_device
+from .core import get_device, bf16_supported
 from .degrade import DegradeConfig, degrade
 from .train import Task, register_task
 from .tasks import DDPMTask, SRConfig
@@ -237,7 +237,10 @@ def bench_sample(tasks: dict, # name -> trained Task, e.g. from train.load_task
 # %% ../nbs/api/41_bench.ipynb #ee6436a7
 TRAIN_VARIANTS: dict[str, dict] = {  # name -> RunConfig overrides (`diffsr bench train --variants`)
     'fp32': {'bf16': False, 'channels_last': False, 'compile': ''},
+    'cl': {'bf16': False, 'channels_last': True, 'compile': ''},
+    'compile': {'bf16': False, 'channels_last': False, 'compile': 'default'},
     'bf16': {'bf16': True, 'channels_last': False, 'compile': ''},
+    'bf16+compile': {'bf16': True, 'channels_last': False, 'compile': 'default'},
     'bf16+cl': {'bf16': True, 'channels_last': True, 'compile': ''},
     'bf16+cl+compile': {'bf16': True, 'channels_last': True, 'compile': 'default'},
 }
@@ -247,11 +250,11 @@ _PEAKS: dict[str, dict] = {}
 def peak_flops(device=None, # where to measure (default: the best available)
                n: int | None = None, # matrix side (default 8192 on CUDA, 1024 on the CPU)
               ) -> dict:
-    "Measured matmul throughput of `device` (bf16 on CUDA, fp32 on the CPU): {'flops': FLOP/s, 'kind': how it was measured}."
+    "Measured matmul throughput of `device` (bf16 where the device runs it natively, else fp32): {'flops': FLOP/s, 'kind': how it was measured}."
     dev = get_device(device)
     key = f'{dev}:{n}'
     if key not in _PEAKS:
-        dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
+        dtype = torch.bfloat16 if bf16_supported(dev) else torch.float32
         n = n or (8192 if dev.type == 'cuda' else 1024)
         g = torch.Generator(device=dev).manual_seed(0)
         a, b = (torch.randn(n, n, generator=g, device=dev, dtype=dtype) for _ in range(2))

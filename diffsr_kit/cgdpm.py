@@ -250,9 +250,11 @@ class CGDPMTask(DDPMTask):
                     raise ConfigError(f"data.{k}={getattr(cfg.data, k)} but the base DDPM ({g.ddpm}) was trained with "
                                       f"data.{k}={getattr(b.cfg.data, k)}; set data.{k}={getattr(b.cfg.data, k)}.")
             cfg.model, cfg.diffusion = copy.deepcopy(b.cfg.model), copy.deepcopy(b.cfg.diffusion)
-            unet = b.modules['unet']
+            cfg.regressor, cfg.regressor_model = b.cfg.regressor, copy.deepcopy(b.cfg.regressor_model)  # a base on a regressor keeps it
+            unet, reg = b.modules['unet'], b.modules.get('regressor')
         else:
             unet = UNet(cfg.model).to(device)
+            reg = UNet(cfg.regressor_model).to(device) if cfg.regressor else None
         _check_sr_config(cfg)
         gm = g.model
         if gm.z_dim or gm.ctx_ch or gm.learn_sigma:
@@ -261,6 +263,7 @@ class CGDPMTask(DDPMTask):
         g.model = replace(gm, in_ch=cfg.model.in_ch, out_ch=cfg.model.in_ch, cond_ch=cfg.data.channels)
         self.diffusion = Diffusion(cfg.diffusion)
         self.modules = {'unet': unet.eval().requires_grad_(False), 'guide': UNet(g.model).to(device)}
+        if reg is not None: self.modules['regressor'] = reg.eval().requires_grad_(False)
         if g.xt_from == 'pool':
             B, C, P, s = cfg.data.batch, cfg.model.in_ch, cfg.data.patch, cfg.data.scale
             self.modules['pool'] = ChainPool((B, C, P, P), (B, cfg.data.channels, P // s, P // s)).to(device)
@@ -272,7 +275,7 @@ class CGDPMTask(DDPMTask):
     def loss(self, phase, batch, step):
         "The score-based loss of CG-DPM eq. 10-12 on states x_t of the frozen base model's reverse chain."
         base, guide, g = self.modules['unet'].eval(), self.modules['guide'], self.cfg.guide
-        s0 = self.diffusion.to_chain(batch['hr'], batch['lr'])
+        s0 = self.diffusion.to_chain(batch['hr'], batch['lr'], self.base(batch['lr'], self.modules))
         with torch.no_grad():
             xt, t, s0, lr, out = XT_SOURCES[g.xt_from](self, unet_fn(base, self.diffusion), s0, batch['lr'])
             tg = guide_targets(self.diffusion, out, xt, t, s0, g.loss)['target']

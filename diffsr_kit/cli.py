@@ -373,10 +373,16 @@ def _bench_train_args(p):
     p.add_argument('--variants', default='fp32', help="comma-separated keys of bench.TRAIN_VARIANTS, e.g. fp32,bf16+cl,bf16+cl+compile")
     p.add_argument('--steps', type=int, default=10, help='timed steps')
     p.add_argument('--warmup', type=int, default=3, help='untimed steps first')
+    p.add_argument('--repeats', type=int, default=1, help='rounds over every config and variant, interleaved; the row shown is the median round')
     p.add_argument('--device', default=None, help='cpu, cuda, mps (default: best available)')
     p.add_argument('--json', action='store_true', help='print JSON: one object for one config and variant, else a list')
     p.add_argument('--no-reference', action='store_true', help="skip diffusers' UNet2DModel of matched FLOPs")
     p.add_argument('overrides', nargs='*', help='key=value overrides applied to every config')
+
+def _median_row(rows: list[dict]) -> dict:
+    "The round with the median images/s of one config and variant, with every round's images/s beside it."
+    ranked = sorted(rows, key=lambda r: r['img_per_s'])
+    return {**ranked[(len(ranked) - 1) // 2], 'img_per_s_rounds': [r['img_per_s'] for r in rows]}
 
 @_bench_train_args.runner
 def _bench_train(a) -> int:
@@ -384,18 +390,23 @@ def _bench_train(a) -> int:
     paths = a.config or sorted(str(p) for p in Path('configs').glob('tiny_*.yaml') if not p.stem.endswith('_binder'))
     if not paths: raise FileNotFoundError("No configs/tiny_*.yaml here; run from the repository root or pass --config FILE.")
     extra = list(a.overrides) + ([f'run.device={a.device}'] if a.device else [])
-    rows = [bench_train(load_run_config(p, extra), steps=a.steps, warmup=a.warmup, variant=v.strip(), name=Path(p).stem,
-                        reference=not a.no_reference)
-            for p in paths for v in a.variants.split(',') if v.strip()]
+    if a.repeats < 1: raise ValueError(f"--repeats {a.repeats}: use 1 or more.")
+    variants = [v.strip() for v in a.variants.split(',') if v.strip()]
+    rounds = [[bench_train(load_run_config(p, extra), steps=a.steps, warmup=a.warmup, variant=v, name=Path(p).stem,
+                           reference=not a.no_reference) for p in paths for v in variants] for _ in range(a.repeats)]
+    rows = [_median_row([rd[i] for rd in rounds]) for i in range(len(rounds[0]))]
+    for r in rows:  # speed relative to the first variant of the same config, in the same run
+        first = next(q for q in rows if q['config'] == r['config'])
+        r['vs_first'] = r['img_per_s'] / first['img_per_s']
     if a.json: print(json.dumps(rows[0] if len(rows) == 1 else rows)); return 0
-    cols = ['config', 'variant', 'batch', 'img_per_s', 'step_ms', 'peak_mem_mb', 'flops_per_img', 'mfu']
+    cols = ['config', 'variant', 'batch', 'img_per_s', 'vs_first', 'step_ms', 'peak_mem_mb', 'flops_per_img', 'mfu']
     table = []
     for r in rows:
         table.append({k: r[k] for k in cols})
         if 'reference' in r and 'img_per_s' in r['reference']:
             ref = r['reference']
             table.append({'config': f"  diffusers {ref['block_out_channels']}", 'variant': r['variant'], 'batch': r['batch'],
-                          **{k: ref[k] for k in cols[3:]}})
+                          'img_per_s': ref['img_per_s'], 'vs_first': None, **{k: ref[k] for k in cols[5:]}})
     print(format_table(table, floatfmt='.3g'))
     print(f"device: {rows[0]['device']}; MFU against the {rows[0]['peak_kind']} ({rows[0]['peak_flops'] / 1e12:.3g} TFLOP/s); "
           f"peak memory: {rows[0]['peak_mem_kind']}")

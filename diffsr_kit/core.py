@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['FAST', 'is_fast', 'available_devices', 'get_device', 'seed_everything', 'make_generator', 'to_float01', 'normalize01',
-           'to_rgb', 'to_grey', 'img2tensor', 'to_model', 'from_model', 'tensor2uint8', 'tensor2pil', 'show_images',
-           'atomic_write', 'atomic_write_text']
+__all__ = ['FAST', 'OVERSHOOT', 'is_fast', 'available_devices', 'get_device', 'bf16_supported', 'seed_everything',
+           'make_generator', 'to_float01', 'normalize01', 'to_rgb', 'to_grey', 'img2tensor', 'to_model', 'from_model',
+           'tensor2uint8', 'tensor2pil', 'show_images', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/api/00_core.ipynb #5d2e0a8d
 def is_fast(env: dict | None = None) -> bool:
@@ -46,6 +46,14 @@ def get_device(prefer: str | torch.device | None = None, # 'cuda', 'cuda:1', 'mp
         raise ValueError(f"Device {str(prefer)!r} is not available here (available: {', '.join(avail)}). "
                          f"Pass one of those, or unset DIFFSR_DEVICE to choose automatically.")
     return dev
+
+def bf16_supported(device: str | torch.device) -> bool:
+    "Whether bf16 autocast runs natively on `device`: CUDA with bf16 units, or a CPU with AVX-512 BF16 / AMX (oneDNN says)."
+    dev = torch.device(device)
+    if dev.type == 'cuda': return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != 'cpu': return False
+    try: return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError): return False  # an old torch or a build without oneDNN: stay in fp32
 
 # %% ../nbs/api/00_core.ipynb #d0b481d4
 def seed_everything(seed: int) -> int:
@@ -140,12 +148,15 @@ def tensor2pil(x: torch.Tensor, # CHW or HW in [0, 1]
     return Image.fromarray(tensor2uint8(x))
 
 # %% ../nbs/api/00_core.ipynb #2fa29687
-def _as_display(x) -> np.ndarray:
-    "HW or HWC float array in [0, 1] for imshow."
+OVERSHOOT = 0.1  # a tensor whose minimum lies in [-OVERSHOOT, 0) is a [0, 1] image with resampling overshoot (bicubic rings), not [-1, 1]
+
+def _as_display(x, vrange: str = 'auto') -> np.ndarray:
+    "HW or HWC float array in [0, 1] for imshow; tensors in [-1, 1] are mapped back ('auto': when they dip below -OVERSHOOT)."
+    if vrange not in ('auto', '01', '-11'): raise ValueError(f"vrange={vrange!r}: use 'auto', '01' or '-11'.")
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu()
         if x.ndim == 4: x = x[0]
-        if x.min() < 0: x = from_model(x)
+        if vrange == '-11' or (vrange == 'auto' and x.min() < -OVERSHOOT): x = from_model(x)
         x = x.clamp(0, 1)
         x = x.permute(1, 2, 0).numpy() if x.ndim == 3 else x.numpy()
         return x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x
@@ -159,7 +170,9 @@ def show_images(imgs: Sequence, # tensors (CHW, [0,1] or [-1,1]), arrays or PIL 
                 ncols: int | None = None, # columns; default: all in one row (at most 8)
                 size: float = 2.5, # inches per image
                 cmap: str = 'gray', # colormap for single-channel images
-                suptitle: str | None = None):
+                suptitle: str | None = None,
+                vrange: str = 'auto', # tensors' range: '01', '-11', or 'auto' ([-1, 1] when a value is below -OVERSHOOT)
+               ):
     "Draw `imgs` in a grid with `titles`; returns the matplotlib figure."
     import matplotlib.pyplot as plt
     imgs = list(imgs)
@@ -170,7 +183,7 @@ def show_images(imgs: Sequence, # tensors (CHW, [0,1] or [-1,1]), arrays or PIL 
     for i, ax in enumerate(axs.flat):
         ax.axis('off')
         if i >= n: continue
-        a = _as_display(imgs[i])
+        a = _as_display(imgs[i], vrange)
         ax.imshow(a, cmap=cmap if a.ndim == 2 else None, vmin=0, vmax=1, interpolation='nearest')
         if titles is not None and i < len(titles): ax.set_title(titles[i], fontsize=9)
     if suptitle: fig.suptitle(suptitle)

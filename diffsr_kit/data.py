@@ -19,7 +19,7 @@ from .core import to_float01, normalize01, to_rgb, to_grey, to_model
 from .degrade import DegradeConfig, degrade
 
 # %% auto #0
-__all__ = ['MODALITIES', 'IMAGES', 'ALIASES', 'CT_WINDOW', 'SPLITS', 'IMG_EXTS', 'PIL_MODES', 'SMALL_POLICIES', 'EXTRAS',
+__all__ = ['MODALITIES', 'IMAGES', 'ALIASES', 'CT_WINDOW', 'SPLITS', 'IMG_EXTS', 'PIL_MODES', 'SMALL_POLICIES', 'PICKS', 'EXTRAS',
            'ImageInfo', 'hounsfield', 'get_info', 'split_of', 'load_raw', 'load_image', 'list_images', 'images_table',
            'read_image', 'find_images', 'ImageFolderHR', 'HRPatches', 'collate', 'PairedFolder']
 
@@ -362,6 +362,7 @@ class ImageFolderHR(Dataset):
 
 # %% ../nbs/api/02_data.ipynb #b755e491
 SMALL_POLICIES = ('error', 'skip', 'upscale')
+PICKS = ('image', 'area')  # HRPatches(pick=...): each image equally often, or in proportion to its pixel count
 EXTRAS: dict[str, Callable] = {'medical': _pydicom}  # pip extra -> import check that raises with the install command
 
 def _names_of(source) -> list[str]:
@@ -384,15 +385,20 @@ class HRPatches(Dataset):
                  length: int | None = None, # items per epoch; None: one crop per image
                  seed: int = 0, # picks the crops and degradations
                  channels: int = 3, # 3: RGB, 1: grey
-                 augment: bool = False, # random flips and 90-degree rotations
+                 augment: bool = False, # random flips and 90-degree rotations (the 8 symmetries of the square)
                  small: str = 'error', # image smaller than the patch: 'error', 'skip' or 'upscale'
                  with_params: bool = False, # add `params` (needs collate_fn=collate in a DataLoader)
+                 rescale: tuple[float, float] = (1.0, 1.0), # HR rescaled by a log-uniform factor in this range before the crop
+                 pick: str = 'image', # which image an item crops: 'image' (each equally often) or 'area' (by pixel count)
                 ):
         if patch <= 0 or patch % scale:
             raise ValueError(f"patch={patch} must be a positive multiple of scale={scale}, e.g. {max(scale, patch // scale * scale)}.")
         if small not in SMALL_POLICIES: raise ValueError(f"small={small!r}: use one of {SMALL_POLICIES}.")
         if seed < 0: raise ValueError(f"seed={seed} must be >= 0.")
         if channels not in (1, 3): raise ValueError(f"channels={channels!r}: use 3 (RGB) or 1 (grey).")
+        if pick not in PICKS: raise ValueError(f"pick={pick!r}: use one of {PICKS}.")
+        lo, hi = (float(v) for v in rescale)
+        if not 0 < lo <= hi <= 1: raise ValueError(f"rescale={tuple(rescale)}: use 0 < low <= high <= 1 (downscaling only; 1 keeps the image).")
         if degradation is None: degradation = DegradeConfig(pipeline='classic', scale=scale)
         if isinstance(degradation, DegradeConfig) and degradation.scale != scale:
             raise ValueError(f"DegradeConfig.scale={degradation.scale} but HRPatches scale={scale}; make them equal.")
@@ -400,9 +406,12 @@ class HRPatches(Dataset):
             raise TypeError(f"degradation must be a DegradeConfig, a callable fn(hr, seeds) or None, got {type(degradation).__name__}.")
         self.patch, self.scale, self.degradation, self.seed, self.epoch = patch, scale, degradation, seed, 0
         self.channels, self.augment, self.small, self.with_params = channels, augment, small, with_params
+        self.rescale, self.pick = (lo, hi), pick
         self._setup_source(source)
         self._check_sizes()
         self.length = len(self.names) if length is None else int(length)
+        area = np.array([h * w for h, w in self.sizes], np.float64)  # as stored, before any small='upscale'
+        self._p = area / area.sum()  # pick='area': image k is drawn with probability area_k / total area
 
     def _setup_source(self, source):
         "names, sizes (H, W), and either preloaded arrays (registry) or folder indices."
@@ -480,15 +489,20 @@ class HRPatches(Dataset):
         return a
 
     def locate(self, i: int) -> dict:
-        "The random draws of item i: image index, crop corner, flip, rotation and degradation seed."
+        "The random draws of item i: image index, crop corner and side (before rescaling), flip, rotation, degradation seed."
         if not 0 <= i < self.length: raise IndexError(f"Item {i} out of range for {self.length} items.")
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        k = i % len(self.names)
-        h, w = self._size(k)
         seed = int(rng.integers(0, 2**31 - 1))  # drawn first, so it does not depend on `augment`
-        top, left = int(rng.integers(0, h - self.patch + 1)), int(rng.integers(0, w - self.patch + 1))
+        k = int(rng.choice(len(self.names), p=self._p)) if self.pick == 'area' else i % len(self.names)
+        h, w = self._size(k)
+        side = self.patch
+        if self.rescale != (1.0, 1.0):  # HR scaled by r before a patch-sized crop = a patch/r crop scaled to the patch
+            lo = max(self.rescale[0], self.patch / min(h, w))  # never a crop larger than the image
+            r = math.exp(rng.uniform(math.log(lo), math.log(max(lo, self.rescale[1]))))
+            side = min(min(h, w), round(self.patch / r))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         flip, rot = (int(rng.integers(0, 2)), int(rng.integers(0, 4))) if self.augment else (0, 0)
-        return dict(index=k, top=top, left=left, flip=flip, rot=rot, seed=seed)
+        return dict(index=k, top=top, left=left, side=side, flip=flip, rot=rot, seed=seed)
 
     def _degrade(self, hr: torch.Tensor, seed: int):
         "(1,C,p,p) in [0,1] -> LR (C,p/s,p/s) in [0,1] and the params dict."
@@ -504,8 +518,11 @@ class HRPatches(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         d = self.locate(i)
-        p, a = self.patch, self._image(d['index'])
-        crop = a[d['top']:d['top'] + p, d['left']:d['left'] + p]
+        p, c, a = self.patch, d['side'], self._image(d['index'])
+        crop = a[d['top']:d['top'] + c, d['left']:d['left'] + c]
+        if c != p:  # the random HR rescaling, antialiased so the new HR is not aliased
+            t = F.interpolate(_hwc2chw(np.ascontiguousarray(crop))[None], size=(p, p), mode='bicubic', antialias=True, align_corners=False)
+            crop = t[0].clamp(0, 1).permute(1, 2, 0).numpy()
         if d['flip']: crop = crop[:, ::-1]
         if d['rot']: crop = np.rot90(crop, d['rot'])
         hr = _hwc2chw(crop)

@@ -20,10 +20,11 @@ from .metrics import lr_psnr, pixel_std_map, psnr, ssim
 
 # %% auto #0
 __all__ = ['MODELS', 'SHIPPED', 'ACCEPTED_FORMATS', 'MODE_NOTES', 'DEEP_COLOUR_NOTE', 'EXIF_ORIENTATIONS', 'DEGRADATIONS',
-           'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS', 'SRModel', 'bicubic_upsample', 'bicubic_model',
-           'register_model', 'models_available', 'assets_dir', 'checkpoint_model', 'register_shipped', 'DemoInputError',
-           'read_upload', 'DemoConfig', 'UpscaleResult', 'upscale', 'make_demo', 'detect_environment', 'host_warning',
-           'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args', 'demo_cli_run']
+           'DEFAULT_MODELS', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS', 'SRModel', 'bicubic_upsample',
+           'bicubic_model', 'register_model', 'models_available', 'assets_dir', 'checkpoint_model', 'register_shipped',
+           'DemoInputError', 'read_upload', 'DemoConfig', 'UpscaleResult', 'default_model', 'upscale', 'make_demo',
+           'detect_environment', 'host_warning', 'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args',
+           'demo_cli_run']
 
 # %% ../nbs/api/52_demo.ipynb #a62d4a35
 @dataclass
@@ -265,13 +266,20 @@ def _as_int(v, name: str, lo: int, hi: int) -> int:
         raise DemoInputError('option', f"{name}={v!r}: use a whole number from {lo} to {hi}.")
     return i
 
+DEFAULT_MODELS = ('sr4-x4', 'sr3-x4', 'regression-x4')  # preferred default when available: a trained diffusion model, not bicubic
+
+def default_model(models: dict, scale: int) -> str | None:
+    "The name shown first for `scale`: the first of DEFAULT_MODELS that is usable here, else the first model of that scale."
+    fit = [n for n, m in models.items() if m.scale == scale]
+    return next((n for n in DEFAULT_MODELS if n in fit), fit[0] if fit else None)
+
 def _pick_model(models: dict, missing: dict, name, scale: int) -> SRModel:
-    "The model called `name` (checked against `scale`), or the first one of that scale when name is empty."
+    "The model called `name` (checked against `scale`), or `default_model` for that scale when name is empty."
     names = lambda ms: ', '.join(m.name for m in ms) or 'none'
     if not name:
-        fit = [m for m in models.values() if m.scale == scale]
-        if not fit: raise DemoInputError('option', f"No model upscales by {scale} here; available: {names(models.values())}.")
-        return fit[0]
+        if default_model(models, scale) is None:
+            raise DemoInputError('option', f"No model upscales by {scale} here; available: {names(models.values())}.")
+        return models[default_model(models, scale)]
     if name in missing: raise DemoInputError('option', f"Model {name!r} is not available: {missing[name]}")
     if name not in models: raise DemoInputError('option', f"Unknown model {name!r}; choose one of: {names(models.values())}.")
     m = models[name]
@@ -477,7 +485,7 @@ def make_demo(registry: dict | None = None, # name -> loader; default MODELS
     scales = sorted({m.scale for m in models.values()})
     scale0 = cfg.default_scale if cfg.default_scale in scales else scales[0]
     of_scale = lambda s: [n for n, m in models.items() if m.scale == int(s)]
-    model0 = of_scale(scale0)[0]
+    model0 = default_model(models, scale0)
 
     def sampler_updates(name):
         m = models.get(name)

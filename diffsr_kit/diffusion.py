@@ -16,10 +16,10 @@ from .schedules import Schedule, get_schedule, extract
 from .degrade import resize, RESIZE_MODES
 
 # %% auto #0
-__all__ = ['PARAMETERISATIONS', 'LOSSES', 'DECODERS', 'VARIANCES', 'Parameterisation', 'upsample_lr', 'to_residual',
-           'from_residual', 'mean_flat', 'normal_kl', 'discretized_gaussian_log_likelihood', 'gaussian_log_likelihood',
-           'fixed_small_var', 'fixed_large_var', 'learned_range_logvar', 'p_mean_variance', 'DiffusionConfig',
-           'Diffusion']
+__all__ = ['PARAMETERISATIONS', 'LOSSES', 'IMPLICIT_X0_WEIGHT', 'WEIGHTINGS', 'DECODERS', 'VARIANCES', 'Parameterisation',
+           'upsample_lr', 'to_residual', 'from_residual', 'mean_flat', 'normal_kl',
+           'discretized_gaussian_log_likelihood', 'gaussian_log_likelihood', 'fixed_small_var', 'fixed_large_var',
+           'learned_range_logvar', 'p_mean_variance', 'DiffusionConfig', 'Diffusion']
 
 # %% ../nbs/api/04_diffusion.ipynb #fafe4aba
 @dataclass(frozen=True)
@@ -87,6 +87,21 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     "Mean over every dimension but the first: (N, ...) -> (N,)."
     return x.reshape(x.shape[0], -1).mean(1)
+
+# %% ../nbs/api/04_diffusion.ipynb #5b6e1517
+IMPLICIT_X0_WEIGHT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # param -> w(SNR) with loss = w * |x0 - x0_hat|^2
+    'eps': lambda snr: snr, 'x0': lambda snr: torch.ones_like(snr), 'v': lambda snr: snr + 1,
+}
+
+def _min_snr(snr: torch.Tensor, param: str, gamma: float) -> torch.Tensor:
+    "Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) in x0 space, divided by the parameterisation's implicit weight."
+    if param == 'eps': return torch.where(snr > gamma, gamma / snr.clamp_min(1e-20), torch.ones_like(snr))  # 0/0-safe at SNR = 0
+    return snr.clamp(max=gamma) / IMPLICIT_X0_WEIGHT[param](snr)
+
+WEIGHTINGS: dict[str, Callable[[torch.Tensor, str, float], torch.Tensor]] = {  # name -> fn(SNR_t (N,), param, gamma) -> (N,)
+    'uniform': lambda snr, param, gamma: torch.ones_like(snr),  # Ho et al. 2020's L_simple
+    'min_snr': _min_snr,  # Hang et al. 2023, gamma = 5
+}
 
 # %% ../nbs/api/04_diffusion.ipynb #fc0fc7f4
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -176,6 +191,8 @@ class DiffusionConfig:
     var_type: str = 'small'  # fixed reverse variance when not learned: 'small' (beta~_t) | 'large' (beta_t)
     clip_x0: bool = True  # clamp pred_x0 to [-1, 1] when sampling; never applied to residual chains; set False for latents
     decoder: str = 'discrete'  # t = 0 term of L_vlb: key of DECODERS ('discrete' 8-bit pixels | 'gaussian' latents)
+    weighting: str = 'uniform'  # weight of each step's simple loss: key of WEIGHTINGS ('uniform' | 'min_snr', Hang et al. 2023)
+    snr_gamma: float = 5.0  # gamma of weighting='min_snr' (Hang et al. 2023 use 5)
 
 # %% ../nbs/api/04_diffusion.ipynb #b223a74e
 class Diffusion:
@@ -193,6 +210,8 @@ class Diffusion:
         _choice(LOSSES, cfg.loss, 'loss', 'DiffusionConfig.loss')
         _choice(VARIANCES, cfg.var_type, 'variance type', 'DiffusionConfig.var_type')
         _choice(DECODERS, cfg.decoder, 'decoder', 'DiffusionConfig.decoder')
+        _choice(WEIGHTINGS, cfg.weighting, 'loss weighting', 'DiffusionConfig.weighting')
+        if not cfg.snr_gamma > 0: raise ValueError(f"DiffusionConfig.snr_gamma={cfg.snr_gamma}: use a positive number (Hang et al. 2023: 5).")
         if cfg.up_mode not in RESIZE_MODES: raise KeyError(f"Unknown up_mode {cfg.up_mode!r}; set DiffusionConfig.up_mode to one of {RESIZE_MODES}.")
         if schedule is not None: self.cfg = cfg = replace(cfg, T=schedule.T)  # keep the config truthful about T
         self.schedule = schedule if schedule is not None else get_schedule(cfg.schedule, cfg.T)
@@ -217,15 +236,19 @@ class Diffusion:
         if key not in self._on: self._on[key] = self.schedule.to(device)
         return self._on[key]
 
-    def to_chain(self, x0: torch.Tensor, lr: torch.Tensor | None = None) -> torch.Tensor:
-        "What the chain runs on: x0 itself, or r0 = x0 - Up(lr) when cfg.residual."
+    def to_chain(self, x0: torch.Tensor, lr: torch.Tensor | None = None,
+                 base: torch.Tensor | None = None, # what the residual is taken to, like x0 (e.g. a regressor's prediction); None: Up(lr)
+                ) -> torch.Tensor:
+        "What the chain runs on: x0 itself, or r0 = x0 - base when cfg.residual (base = Up(lr) by default, SR4 eq. 9)."
         if not self.cfg.residual: return x0
+        if base is not None: return x0 - base
         if lr is None: raise ValueError("DiffusionConfig.residual=True needs the LR image: pass lr=... (N, C, h, w) in [-1, 1].")
         return to_residual(x0, lr, self.cfg.up_mode)
 
-    def from_chain(self, x: torch.Tensor, lr: torch.Tensor | None = None) -> torch.Tensor:
-        "Back from the chain: x itself, or x + Up(lr) when cfg.residual (SR4 eq. 9)."
+    def from_chain(self, x: torch.Tensor, lr: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+        "Back from the chain: x itself, or x + base when cfg.residual (base = Up(lr) by default, SR4 eq. 9)."
         if not self.cfg.residual: return x
+        if base is not None: return x + base
         if lr is None: raise ValueError("DiffusionConfig.residual=True needs the LR image: pass lr=... (N, C, h, w) in [-1, 1].")
         return from_residual(x, lr, self.cfg.up_mode)
 
@@ -253,15 +276,16 @@ def training_losses(self: Diffusion, model: Callable, # called as model(xt, t, *
                     t: torch.Tensor | int | None = None, # (N,) long step indices; None: uniform on 0..T-1
                     eps: torch.Tensor | None = None, # noise like x0; None: standard normal
                     generator: torch.Generator | None = None, # for t and eps (on x0's device)
+                    base: torch.Tensor | None = None, # residual chains: what the residual is taken to (default Up(lr)); not passed to the model
                     **cond, # conditioning passed to the model (lr=..., z=..., ctx=...)
                    ) -> dict:
     "dict(loss (scalar), simple (N,), vlb (N,) if learned, t, xt, target, pred_x0, pred_hr) for one batch."
     c, N, dev = self.cfg, x0.shape[0], x0.device
     s = self.schedule_on(dev)
     lr = cond.get('lr')
-    if c.residual and lr is None:
+    if c.residual and lr is None and base is None:
         raise ValueError("DiffusionConfig.residual=True needs the LR image: call training_losses(model, hr, lr=lr).")
-    x0c = self.to_chain(x0, lr)
+    x0c = self.to_chain(x0, lr, base)
     if t is None: t = torch.randint(0, s.T, (N,), generator=generator, device=dev)
     t = torch.as_tensor(t, device=dev).long()
     if t.ndim == 0: t = t.expand(N)
@@ -276,13 +300,13 @@ def training_losses(self: Diffusion, model: Callable, # called as model(xt, t, *
         raise ValueError(f"The model returned {model_out.shape[1]} channels; with learn_sigma={c.learn_sigma} and C={C} it must return {want}: {fix}.")
     out = model_out[:, :C]
     target = PARAMETERISATIONS[c.param].target(s, x0c, eps, t)
-    simple = mean_flat(LOSSES[c.loss](out, target))
+    simple = mean_flat(LOSSES[c.loss](out, target)) * WEIGHTINGS[c.weighting](s.snr[t], c.param, c.snr_gamma)
     pred_x0, _ = PARAMETERISATIONS[c.param].to_x0_eps(s, out, xt, t)
-    res = dict(simple=simple, t=t, xt=xt, target=target, pred_x0=pred_x0, pred_hr=self.from_chain(pred_x0, lr))
+    res = dict(simple=simple, t=t, xt=xt, target=target, pred_x0=pred_x0, pred_hr=self.from_chain(pred_x0, lr, base))
     loss = simple
     if c.learn_sigma:
         frozen = torch.cat([out.detach(), model_out[:, C:]], dim=1)  # stop-gradient on the mean: L_vlb trains the variance only
-        offset = upsample_lr(lr, x0.shape[-2:], c.up_mode) if c.residual else 0.0  # decode the HR image, which sits on the pixel grid
+        offset = (base if base is not None else upsample_lr(lr, x0.shape[-2:], c.up_mode)) if c.residual else 0.0  # decode the HR image, which sits on the pixel grid
         res['vlb'] = _vlb_terms(self, s, x0c, xt, t, frozen, offset)
         loss = simple + c.vlb_weight * s.T * res['vlb']  # lambda * (T * L_t) estimates lambda * L_vlb
     res['loss'] = loss.mean()

@@ -375,12 +375,23 @@ def read_autoencoder_config(path: str | Path):
     meta = json.loads((find_checkpoint(p) / 'meta.json').read_text())
     return config_from_dict(AEConfig, meta['config']['model'])
 
+def _regressor_arch(cfg) -> str:
+    "Fill cfg.regressor_model from the meta.json of a residual chain's frozen regressor (config key `regressor`)."
+    from diffsr_kit.models.unet import UNetConfig
+    from diffsr_kit.train import find_checkpoint
+    if not getattr(cfg, 'regressor', ''): return ''
+    p = Path(cfg.regressor)
+    if not p.exists(): return f"regressor shape from the preset's `regressor_model` block ({p} is not there; nothing read)"
+    cfg.regressor_model = config_from_dict(UNetConfig, json.loads((find_checkpoint(p) / 'meta.json').read_text())['config']['model'])
+    return f"regressor shape from the JSON config in {p} (weights not read)"
+
 def _latent_arch(cfg) -> str:
     p = Path(cfg.autoencoder) if cfg.autoencoder else None
+    reg = _regressor_arch(cfg)
     if p is None or not p.exists():
-        return f"autoencoder shape from the preset's `ae` block ({cfg.autoencoder or 'no path'} is not there; nothing read)"
+        return '; '.join(filter(None, [f"autoencoder shape from the preset's `ae` block ({cfg.autoencoder or 'no path'} is not there; nothing read)", reg]))
     cfg.ae = read_autoencoder_config(p)
-    return f"autoencoder shape from the JSON config in {p} (weights not read)"
+    return '; '.join(filter(None, [f"autoencoder shape from the JSON config in {p} (weights not read)", reg]))
 
 def _cgdpm_arch(cfg) -> str:
     from diffsr_kit.models.unet import UNetConfig
@@ -395,7 +406,8 @@ def _cgdpm_arch(cfg) -> str:
     return f"base DDPM shape from the JSON config in {p} (weights not read)"
 
 ARCH_FROM_FILES: dict[str, Callable] = {  # task -> fn(cfg) that fills the shapes of pretrained parts from small JSON files
-    'latent': _latent_arch,   # the frozen VAE / VQ-VAE (config key `autoencoder`)
+    'latent': _latent_arch,   # the frozen VAE / VQ-VAE (config key `autoencoder`) and regressor (`regressor`)
+    'ddpm': _regressor_arch,  # the frozen regressor of a residual chain (config key `regressor`)
     'cgdpm': _cgdpm_arch,     # the frozen base DDPM (config key `guide.ddpm`)
 }
 

@@ -17,8 +17,8 @@ from .train import Task, register_task, DataConfig, OptimConfig, RunConfig, Samp
 from .models.autoencoders import AEConfig, build_autoencoder, autoencoder_step, estimate_scale_factor, load_autoencoder
 
 # %% auto #0
-__all__ = ['SRConfig', 'unet_fn', 'DDPMTask', 'RegressionTask', 'AERunConfig', 'recon_metrics', 'AutoencoderTask', 'LatentConfig',
-           'load_frozen_autoencoder', 'LatentDDPMTask']
+__all__ = ['SRConfig', 'regress', 'load_regressor', 'unet_fn', 'DDPMTask', 'RegressionTask', 'AERunConfig', 'recon_metrics',
+           'AutoencoderTask', 'LatentConfig', 'load_frozen_autoencoder', 'LatentDDPMTask']
 
 # %% ../nbs/api/31_tasks.ipynb #85aa5a3a
 @dataclass
@@ -27,6 +27,8 @@ class SRConfig:
     model: UNetConfig = field(default_factory=UNetConfig)              # the U-Net (see models.unet)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # the chain (ignored by 'regression')
     autoencoder: str = ''       # 'latent' task: folder of a trained autoencoder (see models.autoencoders)
+    regressor: str = ''         # residual chains: a trained 'regression' run or asset whose frozen prediction the residual is taken to (SRDiff, ResDiff); '' = Up(LR)
+    regressor_model: UNetConfig = field(default_factory=UNetConfig)  # that regressor's U-Net (filled from `regressor` when training)
     data: DataConfig = field(default_factory=DataConfig)              # patches, scale, degradation, batch
     optim: OptimConfig = field(default_factory=OptimConfig)           # optimiser, schedule, EMA
     run: RunConfig = field(default_factory=RunConfig)                 # steps, device, logging, checkpoints
@@ -42,6 +44,40 @@ def _check_sr_config(cfg: SRConfig):
         raise ConfigError(f"Unknown sample.sampler '{cfg.sample.sampler}'; available: {sorted(SAMPLERS)}.")
     if m.cond_ch != cfg.data.channels:
         raise ConfigError(f"model.cond_ch={m.cond_ch} but data.channels={cfg.data.channels}; set them equal.")
+    if cfg.regressor and not d.residual:
+        raise ConfigError(f"regressor={cfg.regressor!r} needs diffusion.residual=true (the chain runs on HR - regressor(LR)); "
+                          "set it, or set regressor='' for a direct chain.")
+
+def regress(unet: UNet, # a regression U-Net (see RegressionTask)
+            lr: torch.Tensor, # (N, C, h, w) LR in [-1, 1]
+            scale: int, # SR factor
+            residual: bool = True, # the U-Net predicts HR - Up(LR) (else HR itself)
+            up_mode: str = 'bicubic', # how LR is upsampled
+           ) -> torch.Tensor:
+    "The one-pass regression prediction of the HR image (N, C, sH, sW), unclamped."
+    H, W = lr.shape[-2] * scale, lr.shape[-1] * scale
+    x = lr.new_zeros(lr.shape[0], unet.cfg.in_ch, H, W)
+    t = torch.zeros(lr.shape[0], dtype=torch.long, device=lr.device)
+    out = unet(x, t.float() + 1.0 if unet.cfg.time == 'gamma' else t, lr=lr)[:, :unet.cfg.in_ch]
+    return out + upsample_lr(lr, (H, W), up_mode) if residual else out
+
+def _fp32(device: torch.device):
+    "A region without autocast on `device` (a no-op where autocast does not exist, e.g. the meta device)."
+    import contextlib
+    return torch.autocast(device.type, enabled=False) if device.type in ('cpu', 'cuda') else contextlib.nullcontext()
+
+def load_regressor(path: str, device, scale: int) -> tuple:
+    "The frozen U-Net of a trained 'regression' run or asset, and its UNetConfig (checked: a residual regressor of this scale)."
+    from diffsr_kit.train import load_task
+    from pathlib import Path
+    if not Path(path).exists():
+        raise FileNotFoundError(f"Regressor not found at {path} (config key 'regressor'). Train one with "
+                                "`diffsr train --config configs/tiny_regression_x4.yaml`, or use assets/tiny_regression_x4.")
+    t = load_task(path, device=device)
+    if t.name != 'regression' or not t.cfg.diffusion.residual or t.cfg.data.scale != scale:
+        raise ConfigError(f"regressor={path!r} is a '{t.name}' checkpoint (residual={t.cfg.diffusion.residual}, scale {t.cfg.data.scale}); "
+                          f"it must be a residual 'regression' checkpoint of scale {scale}.")
+    return t.eval_modules['unet'].eval().requires_grad_(False), t.cfg.model
 
 def unet_fn(unet: UNet, diffusion: Diffusion | None, **cond):
     "model_fn(xt, t) for samplers and losses: feeds integer t, or sqrt(abar_t) when the U-Net is gamma-conditioned."
@@ -62,12 +98,27 @@ class DDPMTask(Task):
         _check_sr_config(cfg)
         self.diffusion = Diffusion(cfg.diffusion)
         self.modules = {'unet': UNet(cfg.model).to(device)}
+        if cfg.regressor: self.modules['regressor'] = self._regressor(cfg, device, pretrained)
+
+    @staticmethod
+    def _regressor(cfg, device, pretrained: bool):
+        "The frozen regressor of `cfg.regressor`: loaded when training, rebuilt empty when a checkpoint will fill it."
+        if pretrained: u, cfg.regressor_model = load_regressor(cfg.regressor, device, cfg.data.scale)
+        else: u = UNet(cfg.regressor_model).to(device).eval().requires_grad_(False)
+        return u
+
+    def base(self, lr, modules) -> torch.Tensor | None:
+        "What a residual chain is taken to, in pixels: the frozen regressor's prediction, or None for Up(LR) (the Diffusion default)."
+        if 'regressor' not in modules: return None
+        with torch.no_grad():  # under the training loop's bf16 autocast where it has one: in fp32 it costs ~half a training step
+            return regress(modules['regressor'], lr, self.cfg.data.scale, True, self.cfg.diffusion.up_mode).float()
 
     def loss(self, phase, batch, step):
         "The diffusion training loss (simple, or hybrid with a learned variance)."
         lr = batch['lr']
         u = self.modules['unet']
-        out = self.diffusion.training_losses(lambda xt, t, **c: unet_fn(u, self.diffusion, **c)(xt, t), batch['hr'], lr=lr)
+        out = self.diffusion.training_losses(lambda xt, t, **c: unet_fn(u, self.diffusion, **c)(xt, t), batch['hr'], lr=lr,
+                                             base=self.base(lr, self.modules))
         parts = {'loss': out['loss'].detach()}
         if 'vlb' in out: parts['vlb'] = out['vlb'].mean().detach()
         return out['loss'], parts
@@ -78,7 +129,7 @@ class DDPMTask(Task):
 
     def decode_chain(self, x, lr, modules) -> torch.Tensor:
         "From the chain's sample (or a pred_x0 along the way) to the SR image in [-1, 1]."
-        return self.diffusion.from_chain(x, lr).clamp(-1, 1)
+        return self.diffusion.from_chain(x, lr, self.base(lr, modules)).clamp(-1, 1)
 
     @torch.no_grad()
     def predict(self, lr, seed=0, modules=None, sampler=None, steps=None, eta=None, return_trajectory=False, progress=False):
@@ -107,11 +158,7 @@ class RegressionTask(Task):
 
     def _forward(self, u, lr):
         "HR prediction for `lr` in one pass."
-        H, W = lr.shape[-2] * self.cfg.data.scale, lr.shape[-1] * self.cfg.data.scale
-        x = lr.new_zeros(lr.shape[0], self.cfg.model.in_ch, H, W)
-        t = torch.zeros(lr.shape[0], dtype=torch.long, device=lr.device)
-        out = u(x, t.float() + 1.0 if self.cfg.model.time == 'gamma' else t, lr=lr)[:, :self.cfg.model.in_ch]
-        return out + upsample_lr(lr, (H, W), self.cfg.diffusion.up_mode) if self.cfg.diffusion.residual else out
+        return regress(u, lr, self.cfg.data.scale, self.cfg.diffusion.residual, self.cfg.diffusion.up_mode)
 
     def loss(self, phase, batch, step):
         "L1 between the prediction and the HR image."
@@ -212,13 +259,11 @@ def load_frozen_autoencoder(path: str, device) -> tuple:
 
 @register_task('latent')
 class LatentDDPMTask(DDPMTask):
-    "DDPM on the latent of a frozen VAE / VQ-VAE, conditioned on the LR image (thesis §4.3)."
+    "DDPM on the latent of a frozen VAE / VQ-VAE, conditioned on the LR image (thesis §4.3); optionally on E(HR) - E(base)."
     config_cls = LatentConfig
 
     def __init__(self, cfg: LatentConfig, device, pretrained: bool = True):
         Task.__init__(self, cfg, device, pretrained)
-        if cfg.diffusion.residual:
-            raise ConfigError("diffusion.residual=true is a pixel-space option; set it to false for the 'latent' task.")
         if pretrained:
             ae, cfg.ae = load_frozen_autoencoder(cfg.autoencoder, device)
         else:
@@ -230,12 +275,21 @@ class LatentDDPMTask(DDPMTask):
         _check_sr_config(cfg)
         self.diffusion = Diffusion(cfg.diffusion)
         self.modules = {'unet': UNet(cfg.model).to(device), 'ae': ae}
+        if cfg.regressor: self.modules['regressor'] = self._regressor(cfg, device, pretrained)
+
+    def base(self, lr, modules) -> torch.Tensor | None:
+        "Residual latent chains: the latent of the pixel base (the regressor's prediction, else Up(LR)); None for a direct chain."
+        if not self.cfg.diffusion.residual: return None
+        px = DDPMTask.base(self, lr, modules)
+        if px is None: px = upsample_lr(lr, (lr.shape[-2] * self.cfg.data.scale, lr.shape[-1] * self.cfg.data.scale), self.cfg.diffusion.up_mode)
+        with torch.no_grad(), _fp32(lr.device): return modules['ae'].encode_scaled(px.float().clamp(-1, 1))
 
     def loss(self, phase, batch, step):
-        "The diffusion loss on the scaled latent of the HR batch."
+        "The diffusion loss on the scaled latent of the HR batch (or its difference to the base's latent)."
         with torch.no_grad(): z0 = self.modules['ae'].encode_scaled(batch['hr'])
         u = self.modules['unet']
-        out = self.diffusion.training_losses(lambda xt, t, **c: unet_fn(u, self.diffusion, **c)(xt, t), z0, lr=batch['lr'])
+        out = self.diffusion.training_losses(lambda xt, t, **c: unet_fn(u, self.diffusion, **c)(xt, t), z0, lr=batch['lr'],
+                                             base=self.base(batch['lr'], self.modules))
         return out['loss'], {'loss': out['loss'].detach()}
 
     def chain_shape(self, lr) -> tuple:
@@ -245,7 +299,7 @@ class LatentDDPMTask(DDPMTask):
 
     def decode_chain(self, z, lr, modules) -> torch.Tensor:
         "Decode a (scaled) latent into the SR image in [-1, 1]; the trajectory stays in latent space."
-        return modules['ae'].decode_scaled(z).clamp(-1, 1)
+        return modules['ae'].decode_scaled(self.diffusion.from_chain(z, lr, self.base(lr, modules))).clamp(-1, 1)
 
     def param_groups(self):
         "Only the U-Net trains; the autoencoder is frozen."

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from safetensors.torch import save_file, load_file
 
-from .core import get_device, seed_everything, atomic_write, atomic_write_text, from_model
+from .core import get_device, seed_everything, atomic_write, atomic_write_text, from_model, bf16_supported
 from .config import save_config, config_to_dict, config_from_dict, ConfigError
 from . import dist
 
@@ -36,6 +36,10 @@ class DataConfig:
     batch: int = 16             # images per micro-batch on one device; global batch = batch * optim.accum on any number of GPUs
     val_images: int = 8         # validation crops (fixed, from `val`)
     length: int = 1_000_000     # virtual dataset length: each index is its own seeded random crop
+    augment: bool = False       # training crops: one of the 8 flips/rotations at random (EDSR, BasicSR)
+    rescale: tuple[float, float] = (1.0, 1.0)  # training HR downscaled by a log-uniform factor in this range before the crop
+    pick: str = 'image'         # training image per crop: 'image' (each equally often) or 'area' (by pixel count)
+    small: str = 'skip'         # training images smaller than the patch: 'skip' or 'upscale' (seen rarely with pick='area')
 
 @dataclass
 class OptimConfig:
@@ -61,7 +65,7 @@ class RunConfig:
     val_every: int = 500        # steps between validations (0: only at the end)
     ckpt_every: int = 500       # steps between checkpoints (0: only at the end)
     keep_ckpts: int = 2         # checkpoints kept on disk (oldest removed)
-    bf16: bool = True           # bf16 autocast (CUDA only; ignored on CPU)
+    bf16: bool = True           # bf16 autocast where the device runs it natively (CUDA; CPUs with AVX-512 BF16 or AMX); fp32 elsewhere
     channels_last: bool = False # channels_last memory format for the networks
     compile: str = ''           # torch.compile mode: '' off, or a key of COMPILE_MODES ('default', 'reduce-overhead', 'max-autotune', ...)
     progress: bool = True       # tqdm progress bar
@@ -295,12 +299,15 @@ def export_checkpoint(src: str | Path, # run folder, ckpt folder or checkpoint f
     return out
 
 # %% ../nbs/api/30_train.ipynb #770c5443
-def make_dataset(d: DataConfig, source: str, seed: int, length: int | None = None):
+def make_dataset(d: DataConfig, source: str, seed: int, length: int | None = None,
+                 train: bool = True, # apply the training draws (augment, rescale, pick, small); False: plain fixed crops (validation)
+                ):
     "The `HRPatches` dataset of a data config for `source` (a split name or a folder)."
     from diffsr_kit.data import HRPatches
     from diffsr_kit.degrade import DegradeConfig
+    extra = dict(augment=d.augment, rescale=tuple(d.rescale), pick=d.pick, small=d.small) if train else dict(small='skip')
     return HRPatches(source, patch=d.patch, scale=d.scale, degradation=DegradeConfig(pipeline=d.pipeline, scale=d.scale),
-                     length=length or d.length, seed=seed, channels=d.channels, small='skip')
+                     length=length or d.length, seed=seed, channels=d.channels, **extra)
 
 def get_batch(ds, step: int, batch: int, device: torch.device) -> dict:
     "Items `step*batch ... step*batch+batch-1` of `ds` stacked on `device`."
@@ -407,8 +414,9 @@ def cuda_graphed(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 # %% ../nbs/api/30_train.ipynb #3e63e990
 def _autocast(device: torch.device, bf16: bool):
-    "bf16 autocast on CUDA when asked; a no-op elsewhere."
-    return torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16 and device.type == 'cuda')
+    "bf16 autocast when asked and `device` runs bf16 natively (`core.bf16_supported`); a no-op elsewhere."
+    on = bf16 and device.type in ('cuda', 'cpu') and bf16_supported(device)
+    return torch.autocast(device.type if on else 'cpu', dtype=torch.bfloat16, enabled=on)
 
 def _log_row(path: Path, row: dict):
     "Append a row to the CSV log (header on first write)."
@@ -476,7 +484,7 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
     if cfg.run.compile:
         for k, m in task.modules.items(): task.modules[k] = torch.compile(m, mode=cfg.run.compile)
     ds = make_dataset(cfg.data, cfg.data.train, cfg.run.seed)
-    val_ds = make_dataset(cfg.data, cfg.data.val, cfg.run.seed + 1, length=cfg.data.val_images)
+    val_ds = make_dataset(cfg.data, cfg.data.val, cfg.run.seed + 1, length=cfg.data.val_images, train=False)
     val = get_batch(val_ds, 0, cfg.data.val_images, device)
     total, t0 = cfg.run.steps, time.perf_counter()
     clock = lambda: dist.broadcast_float(time.perf_counter() - t0) / 60  # minutes; rank 0's clock decides for every rank

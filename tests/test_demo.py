@@ -12,6 +12,8 @@ from PIL import Image, ImageOps
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr, structural_similarity as sk_ssim
 
 from diffsr_kit.data import load_image
+from diffsr_kit.demo import assets_dir
+ASSETS_DIR = assets_dir()
 from diffsr_kit.demo import (MODELS, DemoConfig, DemoInputError, SRModel, bicubic_upsample, free_port, launch_demo,
                              make_demo, models_available, read_upload, register_model, upscale)
 
@@ -98,9 +100,21 @@ def test_bicubic_baseline_matches_pil():
         out = MODELS[f'bicubic-x{s}']().run(x, n_samples=3)
         assert out['sr'].shape == (3, 3, 7 * s, 9 * s) and out['trajectory'] == []
 
+def test_default_model_is_a_trained_one_when_its_checkpoint_exists():
+    from diffsr_kit.demo import default_model, models_available, DEFAULT_MODELS
+    models, missing = models_available()
+    shipped = [n for n in DEFAULT_MODELS if n in models]
+    if (ASSETS_DIR / 'tiny_sr4_x4' / 'meta.json').exists(): assert 'sr4-x4' in shipped
+    assert default_model(models, 4) == (shipped[0] if shipped else 'bicubic-x4')
+    assert default_model({'bicubic-x4': models['bicubic-x4']}, 4) == 'bicubic-x4'  # nothing trained: bicubic
+    assert default_model(models, 3) is None
+    r = upscale(sample='astronaut', scale=4, steps=2)
+    assert r.metrics['model'] == default_model(models, 4)
+    assert (r.metrics['model'] != 'bicubic-x4') == bool(shipped)
+
 def test_good_png_gives_sr_of_the_right_size(files):
-    r = upscale(image=files['good'], sample=None, scale=4, degradation='none')
-    assert r.metrics['model'] == 'bicubic-x4'  # '' / None picks the first model of the scale
+    r = upscale(image=files['good'], sample=None, scale=4, degradation='none', model='bicubic-x4')
+    assert r.metrics['model'] == 'bicubic-x4'
     np.testing.assert_array_equal(r.lr, files['rgb'])  # lossless PNG read exactly
     assert r.sr.shape == (48 * 4, 40 * 4, 3) and r.sr.dtype == np.uint8 and r.bicubic.shape == r.sr.shape
     buf = io.BytesIO(); Image.fromarray(r.sr).save(buf, 'PNG')  # PNG-able, and the round trip is exact
