@@ -1,4 +1,4 @@
-"`--guidance-scale` of `diffsr sample` / `diffsr eval`: CG-DPM at scale 0 is its base model (the shipped SR3), exactly."
+"`--guidance-scale` of `diffsr sample` / `diffsr eval`: CG-DPM at scale 0 is its base model (the SR3 it was trained on), exactly."
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,14 +13,28 @@ def lr_png(tmp_path_factory):
     Image.fromarray(data.astronaut()[::16, ::16][:24, :24]).save(p)   # a 24x24 LR image
     return p
 
+def _base_of_cgdpm(tmp_path):
+    "A plain 'ddpm' checkpoint folder holding the CG-DPM asset's frozen base (its 'unet' and, if any, 'regressor' weights)."
+    import json
+    from safetensors.torch import load_file, save_file
+    src = ASSETS / 'tiny_cgdpm_x4'
+    meta = json.loads((src / 'meta.json').read_text())
+    cfg = {k: v for k, v in meta['config'].items() if k != 'guide'}
+    cfg['task'] = 'ddpm'
+    flat = {k: v for k, v in load_file(str(src / 'model.safetensors')).items() if k.split('.')[0] in ('unet', 'regressor')}
+    out = tmp_path / 'cgdpm_base'; out.mkdir()
+    save_file(flat, str(out / 'model.safetensors'))
+    (out / 'meta.json').write_text(json.dumps({'step': meta['step'], 'task': 'ddpm', 'config': cfg}))
+    return out
+
 def _sample(ckpt, lr_png, out, *extra):
-    run('sample', '--ckpt', ASSETS / ckpt, '--input', lr_png, '--sampler', 'ddim', '--steps', 4, '--seed', 3, '--out', out, *extra)
+    run('sample', '--ckpt', ckpt if isinstance(ckpt, __import__('pathlib').Path) else ASSETS / ckpt, '--input', lr_png, '--sampler', 'ddim', '--steps', 4, '--seed', 3, '--out', out, *extra)
     return np.asarray(Image.open(out))
 
 def test_scale_zero_is_the_base_and_scale_one_differs(lr_png, tmp_path):
-    # The CG-DPM asset's base U-Net holds the same weights as assets/tiny_sr3_x4 (it was trained on top of it), so with
-    # s = 0 (eq. 14-15 without F_phi) the guided sampler must reproduce the SR3 checkpoint's sample bit for bit.
-    base = _sample('tiny_sr3_x4', lr_png, tmp_path / 'sr3.png')
+    # The CG-DPM checkpoint holds the frozen SR3 it was trained on; with s = 0 (eq. 14-15 without F_phi) the guided
+    # sampler must reproduce that SR3's own sample, through the plain 'ddpm' task, bit for bit.
+    base = _sample(_base_of_cgdpm(tmp_path), lr_png, tmp_path / 'sr3.png')
     g0 = _sample('tiny_cgdpm_x4', lr_png, tmp_path / 'g0.png', '--guidance-scale', 0)
     g1 = _sample('tiny_cgdpm_x4', lr_png, tmp_path / 'g1.png', '--guidance-scale', 1)
     assert base.shape == (96, 96, 3)
