@@ -109,6 +109,7 @@ class DDPMTask(Task):
 
     def base(self, lr, modules) -> torch.Tensor | None:
         "What a residual chain is taken to, in pixels: the frozen regressor's prediction, or None for Up(LR) (the Diffusion default)."
+        modules = modules or self.eval_modules
         if 'regressor' not in modules: return None
         with torch.no_grad():  # under the training loop's bf16 autocast where it has one: in fp32 it costs ~half a training step
             return regress(modules['regressor'], lr, self.cfg.data.scale, True, self.cfg.diffusion.up_mode).float()
