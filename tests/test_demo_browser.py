@@ -42,13 +42,14 @@ def test_demo_in_headless_chromium(tmp_path):
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
     from diffsr_kit.data import load_image
-    from diffsr_kit.demo import free_port, launch_demo, make_demo
+    from diffsr_kit.demo import default_model, free_port, launch_demo, make_demo, models_available
 
     photo = tmp_path / 'chelsea_upload.png'  # a real photograph, 300x451 -> cropped 300x448 -> LR 75x112 at x4
     Image.fromarray((load_image('chelsea') * 255 + 0.5).astype(np.uint8)).save(photo)
     shot = Path(os.environ.get('DIFFSR_SCREENSHOT') or tmp_path / 'demo.png')
     shot.parent.mkdir(parents=True, exist_ok=True)
 
+    first = default_model(models_available()[0], 4)  # the model the page preselects for x4 (a trained one when shipped)
     demo = launch_demo(make_demo(), host='127.0.0.1', port=free_port(), where='script')
     opts = webdriver.ChromeOptions()
     opts.binary_location = _chromium()
@@ -73,7 +74,7 @@ def test_demo_in_headless_chromium(tmp_path):
         assert size == [448, 300], size  # the SR image of the uploaded photo, x4
         wait.until(EC.text_to_be_present_in_element((By.ID, 'notes'), photo.name))
         notes = driver.find_element(By.ID, 'notes').text
-        assert 'bicubic-x4' in notes and 'classic pipeline' in notes and 'sample' not in notes, notes  # upload cleared it
+        assert f'{first} x4' in notes and 'classic pipeline' in notes and 'sample' not in notes, notes  # upload cleared it
         driver.execute_script('window.scrollTo(0, 0)')
         assert driver.save_screenshot(str(shot)), f'could not write {shot}'
     finally:
