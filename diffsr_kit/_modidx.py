@@ -1062,6 +1062,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'diffsr_kit.tasks.load_regressor': ('api/tasks.html#load_regressor', 'diffsr_kit/tasks.py'),
                                   'diffsr_kit.tasks.recon_metrics': ('api/tasks.html#recon_metrics', 'diffsr_kit/tasks.py'),
                                   'diffsr_kit.tasks.regress': ('api/tasks.html#regress', 'diffsr_kit/tasks.py'),
+                                  'diffsr_kit.tasks.residual_base': ('api/tasks.html#residual_base', 'diffsr_kit/tasks.py'),
                                   'diffsr_kit.tasks.unet_fn': ('api/tasks.html#unet_fn', 'diffsr_kit/tasks.py')},
             'diffsr_kit.tour': { 'diffsr_kit.tour.Section': ('api/tour.html#section', 'diffsr_kit/tour.py'),
                                  'diffsr_kit.tour.TourContext': ('api/tour.html#tourcontext', 'diffsr_kit/tour.py'),

@@ -236,6 +236,7 @@ class _Unguided:
 class CGDPMTask(DDPMTask):
     "CG-DPM: a frozen conditional DDPM ('unet') steered by a guided network F_phi ('guide') trained with eq. 10-12."
     config_cls = CGDPMConfig
+    train_only = ('pool',)  # the chain pool is training state: exports leave it out, loading rebuilds it empty
 
     def __init__(self, cfg: CGDPMConfig, device, pretrained: bool = True):
         Task.__init__(self, cfg, device, pretrained)

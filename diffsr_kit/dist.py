@@ -408,6 +408,8 @@ def _cgdpm_arch(cfg) -> str:
 ARCH_FROM_FILES: dict[str, Callable] = {  # task -> fn(cfg) that fills the shapes of pretrained parts from small JSON files
     'latent': _latent_arch,   # the frozen VAE / VQ-VAE (config key `autoencoder`) and regressor (`regressor`)
     'ddpm': _regressor_arch,  # the frozen regressor of a residual chain (config key `regressor`)
+    'srddgan': _regressor_arch,  # the same, for the diffusion-GAN residual chains
+    'lddpm': _regressor_arch,
     'cgdpm': _cgdpm_arch,     # the frozen base DDPM (config key `guide.ddpm`)
 }
 

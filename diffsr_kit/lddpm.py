@@ -21,7 +21,7 @@ from .models.ddgan import Discriminator, DiscConfig
 from .models.cvae import LDDPMConditioner, LDDPMCondConfig
 from .srddgan import SRDDGANTask, posterior_step, _time_input, check_posterior_chain
 from .train import Task, register_task, DataConfig, OptimConfig, SampleConfig
-from .tasks import SRConfig
+from .tasks import SRConfig, DDPMTask, residual_base
 
 # %% auto #0
 __all__ = ['PERCEPTUAL_TARGETS', 'ABLATION_ROWS', 'LDDPMSettings', 'LDDPMConfig', 'shared_noise_fake', 'lr_multiple',
@@ -121,6 +121,9 @@ def check_lddpm_config(cfg: LDDPMConfig) -> LDDPMConfig:
         raise ConfigError(f"cond.scale={c.scale}, cond.in_ch={c.in_ch} must equal data.scale={cfg.data.scale}, "
                           f"data.channels={ch}; set cond.scale={cfg.data.scale} cond.in_ch={ch}.")
     check_posterior_chain(cfg, L.T, 'lddpm.T', 'LDDPM samples the GAN posterior ancestrally (eq. 15)', disc=L.use_gan)
+    if cfg.regressor and not L.residual:
+        raise ConfigError(f"regressor={cfg.regressor!r} needs lddpm.residual=true (the chain runs on HR - regressor(LR)); "
+                          "set it, or set regressor='' for Up(LR) or the paper's chain on HR.")
     p, s, k = cfg.data.patch, cfg.data.scale, lr_multiple(cfg)
     if p % s or (p // s) % k:
         raise ConfigError(f"data.patch={p} gives LR patches of {p / s:g} pixels, which must be whole and a multiple of {k} "
@@ -146,6 +149,7 @@ class LDDPMTask(Task):
         self.modules = {'generator': UNet(cfg.model).to(device)}
         if cfg.cond.attention: self.modules['conditioner'] = LDDPMConditioner(cfg.cond).to(device)
         if L.use_gan: self.modules['discriminator'] = Discriminator(cfg.disc).to(device)
+        if cfg.regressor: self.modules['regressor'] = DDPMTask._regressor(cfg, device, pretrained)  # frozen
         self.gan_loss, self.r1 = GAN_LOSSES[L.gan_loss], LazyR1(L.r1_gamma, L.r1_every)
         self._perceptual = None
         if pretrained: self.perceptual  # builds VGG-19 now: fails early when its weights are missing
@@ -170,7 +174,7 @@ class LDDPMTask(Task):
 
     def param_groups(self) -> dict[str, list]:
         "'d' (the discriminator, with use_gan) steps first, then 'g': U-Net and conditioner together."
-        g = [p for k, m in self.modules.items() if k != 'discriminator' for p in m.parameters()]
+        g = [p for k, m in self.modules.items() if k != 'discriminator' for p in m.parameters() if p.requires_grad]
         d = {'d': list(self.modules['discriminator'].parameters())} if 'discriminator' in self.modules else {}
         return {**d, 'g': g}
 
@@ -180,16 +184,16 @@ class LDDPMTask(Task):
 
     # ---- the pieces shared by loss and predict
     def to_chain(self, hr, lr) -> torch.Tensor:
-        "The chain's clean sample x0: HR, or HR - Up(LR) with lddpm.residual."
-        return hr - upsample_lr(lr, hr.shape[-2:]) if self.cfg.lddpm.residual else hr
+        "The chain's clean sample x0: HR, or with lddpm.residual HR - Up(LR) (HR - regressor(LR) when the run names a `regressor`)."
+        return hr - residual_base(self.modules, lr, self.cfg.data.scale) if self.cfg.lddpm.residual else hr
 
-    def to_image(self, x0, lr) -> torch.Tensor:
+    def to_image(self, x0, lr, modules=None) -> torch.Tensor:
         "A chain-space x0 (or x0') as an image in model range, unclamped."
-        return x0 + upsample_lr(lr, x0.shape[-2:]) if self.cfg.lddpm.residual else x0
+        return x0 + residual_base(modules or self.modules, lr, self.cfg.data.scale) if self.cfg.lddpm.residual else x0
 
     def decode_chain(self, y, lr, modules=None) -> torch.Tensor:
         "From a chain sample to the SR image in [-1, 1]."
-        return self.to_image(y, lr).clamp(-1, 1)
+        return self.to_image(y, lr, modules).clamp(-1, 1)
 
     def condition(self, lr, hr=None, modules=None, generator=None, temperature: float = 1.0) -> tuple[tuple, dict]:
         "((lr, ctx), aux): ctx tokens of tau_theta / CVAE / Glow (eq. 8-12; None without attention), aux = {kl, flow_nll}."

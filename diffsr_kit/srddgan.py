@@ -18,7 +18,7 @@ from .models.unet import UNet, UNetConfig, TIME_SCALES
 from .models.ddgan import Discriminator, DiscConfig
 from .models.rrdb import RRDBConfig, RRDBEncoder
 from .train import Task, register_task, DataConfig, OptimConfig, SampleConfig
-from .tasks import SRConfig
+from .tasks import SRConfig, DDPMTask, residual_base
 
 # %% auto #0
 __all__ = ['GANConfig', 'SRDDGANConfig', 'check_posterior_chain', 'check_srddgan_config', 'q_sample_pair', 'posterior_step',
@@ -95,6 +95,9 @@ def check_srddgan_config(cfg: SRDDGANConfig) -> SRDDGANConfig:
     if m.cond == 'none': raise ConfigError("model.cond='none' ignores the LR image; SRDDGAN is conditional: use model.cond=concat.")
     if g.use_rrdb and cfg.rrdb.in_ch != c: raise ConfigError(f"rrdb.in_ch={cfg.rrdb.in_ch} but data.channels={c}; set them equal.")
     check_posterior_chain(cfg, g.T, 'gan.T', 'SRDDGAN samples its posterior ancestrally (Algorithm 2)')
+    if cfg.regressor and not g.residual:
+        raise ConfigError(f"regressor={cfg.regressor!r} needs gan.residual=true (the chain runs on HR - regressor(LR)); "
+                          "set it, or set regressor='' for Up(LR) or the paper's chain on HR.")
     div = 2 ** len(d.ch_mult)
     if cfg.data.patch % div:
         raise ConfigError(f"data.patch={cfg.data.patch} is not divisible by 2**len(disc.ch_mult)={div}; "
@@ -147,6 +150,7 @@ class SRDDGANTask(Task):
         self.schedule = get_schedule(g.schedule, g.T).to(device)
         self.modules = {'generator': UNet(cfg.model).to(device), 'discriminator': Discriminator(cfg.disc).to(device)}
         if g.use_rrdb: self.modules['rrdb'] = RRDBEncoder.from_config(cfg.rrdb).to(device)
+        if cfg.regressor: self.modules['regressor'] = DDPMTask._regressor(cfg, device, pretrained)  # frozen
         self.gan_loss, self.r1 = GAN_LOSSES[g.gan_loss], LazyR1(g.r1_gamma, g.r1_every)
         self._perceptual = None
         if pretrained and (g.beta > 0 or g.eta > 0): self.perceptual  # fail early when VGG-19 weights are missing
@@ -163,7 +167,7 @@ class SRDDGANTask(Task):
 
     def param_groups(self) -> dict[str, list]:
         "Algorithm 1: Step I updates D, Step II updates G (and the LR encoder)."
-        gen = [p for k, m in self.modules.items() if k != 'discriminator' for p in m.parameters()]
+        gen = [p for k, m in self.modules.items() if k != 'discriminator' for p in m.parameters() if p.requires_grad]
         return {'d': list(self.modules['discriminator'].parameters()), 'g': gen}
 
     def lr_mult(self, phase: str) -> float:
@@ -182,12 +186,13 @@ class SRDDGANTask(Task):
         return (lr.shape[0], self.cfg.model.in_ch, lr.shape[-2] * s, lr.shape[-1] * s)
 
     def to_chain(self, hr, lr) -> torch.Tensor:
-        "The chain's clean sample: HR, or HR - Up(LR) with gan.residual."
-        return hr - upsample_lr(lr, hr.shape[-2:]) if self.cfg.gan.residual else hr
+        "The chain's clean sample: HR, or with gan.residual HR - Up(LR) (HR - regressor(LR) when the run names a `regressor`)."
+        return hr - residual_base(self.modules, lr, self.cfg.data.scale) if self.cfg.gan.residual else hr
 
     def decode_chain(self, y, lr, modules=None) -> torch.Tensor:
         "From a chain sample (or a y0' along the way) to the SR image in [-1, 1]."
-        return (y + upsample_lr(lr, y.shape[-2:]) if self.cfg.gan.residual else y).clamp(-1, 1)
+        base = residual_base(modules or self.modules, lr, self.cfg.data.scale) if self.cfg.gan.residual else 0
+        return (y + base).clamp(-1, 1)
 
     def generate(self, G, yt, t, cond, z) -> torch.Tensor:
         "y0' = G(x, y_t, z, t) in chain space."
@@ -235,7 +240,7 @@ class SRDDGANTask(Task):
         g = self.cfg.gan
         t, _, yt, pred, fake = self._fake(y0, lr, self.condition(lr))
         adv = self.gan_loss.g(self._D(fake, yt, t, lr, frozen=True))
-        sr = pred + upsample_lr(lr, hr.shape[-2:]) if g.residual else pred  # the predicted image y0'
+        sr = pred + (hr - y0) if g.residual else pred  # the predicted image y0' (hr - y0: the residual's base)
         parts = {'g_adv': adv.detach()}
         total = g.alpha * adv
         if self.perceptual is not None:
@@ -267,7 +272,7 @@ class SRDDGANTask(Task):
             if self.cfg.gan.fresh_z and i < S - 1: z = self._z(lr.shape[0], lr.device, gen)
             y, y0 = posterior_step(s, self.generate(mods['generator'], y, t, cond, z), y, i, generator=gen)
             if traj is not None: traj['xt'].append(y.cpu()); traj['pred_x0'].append(y0.cpu()); traj['t'].append(int(t[0]))
-        sr = self.decode_chain(y, lr)
+        sr = self.decode_chain(y, lr, mods)
         if not return_trajectory: return sr
         return sr, dict(xt=torch.stack(traj['xt']), pred_x0=torch.stack(traj['pred_x0']), t=torch.tensor(traj['t']))
 

@@ -17,8 +17,8 @@ from .train import Task, register_task, DataConfig, OptimConfig, RunConfig, Samp
 from .models.autoencoders import AEConfig, build_autoencoder, autoencoder_step, estimate_scale_factor, load_autoencoder
 
 # %% auto #0
-__all__ = ['SRConfig', 'regress', 'load_regressor', 'unet_fn', 'DDPMTask', 'RegressionTask', 'AERunConfig', 'recon_metrics',
-           'AutoencoderTask', 'LatentConfig', 'load_frozen_autoencoder', 'LatentDDPMTask']
+__all__ = ['SRConfig', 'regress', 'residual_base', 'load_regressor', 'unet_fn', 'DDPMTask', 'RegressionTask', 'AERunConfig',
+           'recon_metrics', 'AutoencoderTask', 'LatentConfig', 'load_frozen_autoencoder', 'LatentDDPMTask']
 
 # %% ../nbs/api/31_tasks.ipynb #85aa5a3a
 @dataclass
@@ -60,6 +60,16 @@ def regress(unet: UNet, # a regression U-Net (see RegressionTask)
     t = torch.zeros(lr.shape[0], dtype=torch.long, device=lr.device)
     out = unet(x, t.float() + 1.0 if unet.cfg.time == 'gamma' else t, lr=lr)[:, :unet.cfg.in_ch]
     return out + upsample_lr(lr, (H, W), up_mode) if residual else out
+
+def residual_base(modules: dict, # a task's modules; a frozen regression U-Net under 'regressor' when the run names one
+                  lr: torch.Tensor, # (N, C, h, w) LR in [-1, 1]
+                  scale: int, # SR factor
+                  up_mode: str = 'bicubic', # how LR is upsampled
+                 ) -> torch.Tensor:
+    "What a pixel residual chain is taken to: the frozen regressor's prediction (SRDiff, ResDiff) when there is one, else Up(LR)."
+    if 'regressor' not in modules: return upsample_lr(lr, (lr.shape[-2] * scale, lr.shape[-1] * scale), up_mode)
+    with torch.no_grad():  # under the training loop's bf16 autocast where it has one: in fp32 it costs ~half a training step
+        return regress(modules['regressor'], lr, scale, True, up_mode).float()
 
 def _fp32(device: torch.device):
     "A region without autocast on `device` (a no-op where autocast does not exist, e.g. the meta device)."
@@ -110,9 +120,7 @@ class DDPMTask(Task):
     def base(self, lr, modules) -> torch.Tensor | None:
         "What a residual chain is taken to, in pixels: the frozen regressor's prediction, or None for Up(LR) (the Diffusion default)."
         modules = modules or self.eval_modules
-        if 'regressor' not in modules: return None
-        with torch.no_grad():  # under the training loop's bf16 autocast where it has one: in fp32 it costs ~half a training step
-            return regress(modules['regressor'], lr, self.cfg.data.scale, True, self.cfg.diffusion.up_mode).float()
+        return residual_base(modules, lr, self.cfg.data.scale, self.cfg.diffusion.up_mode) if 'regressor' in modules else None
 
     def loss(self, phase, batch, step):
         "The diffusion training loss (simple, or hybrid with a learned variance)."

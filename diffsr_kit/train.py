@@ -81,6 +81,7 @@ class SampleConfig:
 class Task:
     "Base class of a trainable model family; subclasses fill `modules` and implement `loss` and `predict`."
     config_cls: type = None     # the dataclass of the whole run config for this task
+    train_only: tuple = ()      # modules a run's checkpoint keeps for --resume but an export leaves out (rebuilt empty on load)
 
     def __init__(self, cfg, device: torch.device,
                  pretrained: bool = True): # load pretrained parts named in cfg (False when a checkpoint will supply every weight)
@@ -192,11 +193,13 @@ def _flat_state(modules: dict[str, nn.Module], dtype: torch.dtype | None = None)
             out[f'{k}.{n}'] = t.contiguous().clone()
     return out
 
-def _load_flat_state(modules: dict[str, nn.Module], flat: dict[str, torch.Tensor]):
+def _load_flat_state(modules: dict[str, nn.Module], flat: dict[str, torch.Tensor],
+                     optional: tuple = ()): # modules that may be absent from `flat` (Task.train_only): they keep their state
     "Load a flat `<module>.<name>` dict into `modules` (strict; dtypes cast to the module's)."
     for k, m in modules.items():
         m = getattr(m, '_orig_mod', m)
         sd = {n[len(k) + 1:]: t for n, t in flat.items() if n.startswith(k + '.')}
+        if k in optional and not sd: continue
         ref = m.state_dict()
         missing = sorted(set(ref) - set(sd))
         if missing: raise KeyError(f"Checkpoint lacks {len(missing)} tensors of module '{k}' (e.g. {missing[:3]}); "
@@ -264,7 +267,7 @@ def load_task(path: str | Path, # run folder, ckpt folder, or checkpoint folder
     task = cls(cfg, get_device(device), pretrained=False)
     f = ck / f'{weights}.safetensors'
     if not f.exists(): f = ck / 'model.safetensors'
-    _load_flat_state(task.modules, load_file(str(f)))
+    _load_flat_state(task.modules, load_file(str(f)), optional=cls.train_only)
     for m in task.modules.values(): m.eval()
     task.step = meta['step']
     if getattr(getattr(cfg, 'sample', None), 'cuda_graph', False) and task.device.type == 'cuda':
@@ -282,7 +285,8 @@ def export_checkpoint(src: str | Path, # run folder, ckpt folder or checkpoint f
     ck = find_checkpoint(src)
     meta = json.loads((ck / 'meta.json').read_text())
     f = ck / 'ema.safetensors'
-    flat = load_file(str(f if f.exists() else ck / 'model.safetensors'))
+    skip = tuple(k + '.' for k in get_task(meta['task']).train_only)  # training state only (e.g. CG-DPM's chain pool)
+    flat = {k: t for k, t in load_file(str(f if f.exists() else ck / 'model.safetensors')).items() if not k.startswith(skip)}
     kept32 = []
     if fp16:
         for k, t in flat.items():

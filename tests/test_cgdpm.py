@@ -232,7 +232,7 @@ def test_preset_loads_and_bad_keys_are_named():
     cfg = load_config(CGDPMConfig, ROOT / 'configs/tiny_cgdpm_x4.yaml')
     g = cfg.guide
     assert (cfg.task, g.ddpm, g.model.cond, list(g.model.ch_mult)) == ('cgdpm', 'assets/tiny_sr3_x4', 'multiscale', [1, 2, 2])
-    assert 16 <= g.model.base_ch <= 32 and (cfg.data.scale, cfg.data.patch) == (4, 64) and g.loss in GUIDE_LOSSES
+    assert 8 <= g.model.base_ch <= 32 and (cfg.data.scale, cfg.data.patch) == (4, 64) and g.loss in GUIDE_LOSSES
     for bad, key in (('guide.lose=x0', 'guide.lose'), ('guide.model.chmult=[1]', 'guide.model.chmult'),
                      ('guide.chain_steps=many', 'guide.chain_steps')):
         with pytest.raises(ConfigError, match=key.replace('.', r'\.')):
