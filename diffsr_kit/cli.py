@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='diffsr', description='diffsr_kit: diffusion super-resolution, from lessons to full-scale training.')
     from diffsr_kit import __version__
     p.add_argument('--version', action='version', version=f'diffsr_kit {__version__}')
+    p.add_argument('--debug', action='store_true', help='show the full traceback of an error instead of one line')
     sub = p.add_subparsers(dest='cmd', metavar='<command>')
     sub.required = True
     _add_group(sub, 'data', 'Bundled images and datasets', DATA_COMMANDS)
@@ -61,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except Exception as e:
+        if args.debug or not _user_error(e): raise
         print(f'diffsr {args.cmd}: error: {e}', file=sys.stderr)
         return 2
+
+def _user_error(e: Exception) -> bool:
+    "Errors that a user's input or machine causes (bad values, files, a diverged or busy run): one line, exit code 2."
+    from diffsr_kit.train import TrainingDiverged, RunFolderBusy
+    return isinstance(e, (ValueError, OSError, KeyError, TrainingDiverged, RunFolderBusy))
 
 # %% ../nbs/api/60_cli.ipynb #9611bf68
 def _print_rows(rows: list[dict], cols: list[str] | None = None):
@@ -185,6 +192,7 @@ def _train_args(p):
     p.add_argument('--config', required=True, help='YAML preset, e.g. configs/tiny_sr3_x4.yaml')
     p.add_argument('overrides', nargs='*', help='key=value overrides, e.g. optim.lr=1e-4 run.steps=200')
     p.add_argument('--resume', action='store_true', help="continue the run folder's latest checkpoint")
+    p.add_argument('--overwrite', action='store_true', help='start afresh in a run folder that holds a run (deletes its checkpoints and logs)')
     p.add_argument('--dry-run', action='store_true', help='validate the config, print it and its parameters and memory per GPU; train nothing')
     p.add_argument('--gpus', type=int, default=None, help='--dry-run: plan for this many GPUs (default: WORLD_SIZE or 1)')
     p.add_argument('--json', action='store_true', help='--dry-run: print the plan as JSON (no config text)')
@@ -193,13 +201,17 @@ def _train_args(p):
 def _train(a) -> int:
     from diffsr_kit.config import config_to_yaml
     cfg = load_run_config(a.config, a.overrides)
+    from diffsr_kit.config import ConfigError
+    if a.resume and a.overwrite: raise ConfigError('--resume continues a run and --overwrite deletes it: pass one of them.')
+    from diffsr_kit.train import check_run_config
+    check_run_config(cfg)  # the same checks as a real run
     if a.dry_run:
         from diffsr_kit.dist import estimate_run, format_estimate, env_info
         est = estimate_run(cfg, world=a.gpus or env_info().world)
         if a.json: print(json.dumps(est)); return 0
         print(config_to_yaml(cfg)); print(format_estimate(est)); return 0
     from diffsr_kit.train import train
-    run = train(cfg, resume=a.resume)
+    run = train(cfg, resume=a.resume, overwrite=a.overwrite)
     print(f'run folder: {run}')
     return 0
 

@@ -19,10 +19,11 @@ from .config import save_config, config_to_dict, config_from_dict, ConfigError
 from . import dist
 
 # %% auto #0
-__all__ = ['TASKS', 'TASK_MODULES', 'OPTIMIZERS', 'COMPILE_MODES', 'DataConfig', 'OptimConfig', 'RunConfig', 'SampleConfig',
-           'Task', 'register_task', 'get_task', 'lr_at', 'make_optimizer', 'EMA', 'save_checkpoint', 'find_checkpoint',
-           'load_task', 'export_checkpoint', 'make_dataset', 'get_batch', 'validate', 'TrainingDiverged', 'CUDAGraphed',
-           'cuda_graphed', 'train']
+__all__ = ['TASKS', 'TASK_MODULES', 'OPTIMIZERS', 'PLAN_WINDOW', 'ARCH_SECTIONS', 'COMPILE_MODES', 'RUN_CHECKS', 'DataConfig',
+           'OptimConfig', 'RunConfig', 'SampleConfig', 'Task', 'register_task', 'get_task', 'lr_at', 'make_optimizer',
+           'EMA', 'save_checkpoint', 'find_checkpoint', 'load_task', 'export_checkpoint', 'make_dataset', 'get_batch',
+           'validate', 'TrainingDiverged', 'plan_steps', 'RunFolderBusy', 'RunLock', 'CUDAGraphed', 'cuda_graphed',
+           'check_run_config', 'train']
 
 # %% ../nbs/api/30_train.ipynb #afe2100a
 @dataclass
@@ -206,6 +207,11 @@ def _load_flat_state(modules: dict[str, nn.Module], flat: dict[str, torch.Tensor
                                    "was it written by a different model config?")
         m.load_state_dict({n: sd[n].to(ref[n].dtype) for n in ref})
 
+def _nonfinite(modules: dict[str, nn.Module]) -> list[str]:
+    "Names '<module>.<tensor>' of floating-point parameters and buffers holding NaN or Inf."
+    return [f'{k}.{n}' for k, m in modules.items() for n, t in getattr(m, '_orig_mod', m).state_dict().items()
+            if t.is_floating_point() and not torch.isfinite(t).all()]
+
 def _rng_state() -> dict:
     "Python, NumPy and torch RNG states as tensors and plain values."
     st = {'torch': torch.get_rng_state(), 'python': repr(random.getstate()),
@@ -229,6 +235,11 @@ def save_checkpoint(run_dir: str | Path, step: int, task: Task, ema: EMA | None,
     ck = Path(run_dir) / 'ckpt'; ck.mkdir(parents=True, exist_ok=True)
     final = ck / f'step_{step:08d}'
     tmp = ck / f'.tmp_step_{step:08d}_{os.getpid()}'
+    bad = _nonfinite(task.modules) + (_nonfinite(ema.modules) if ema is not None else [])
+    if bad:
+        good = (ck / 'latest').read_text().strip() if (ck / 'latest').exists() else 'none yet'
+        raise TrainingDiverged(f"Weights became non-finite by step {step} ({', '.join(bad[:3])}); checkpoint not written. Last good "
+                               f"checkpoint: {good}. Try a lower optim.lr, optim.grad_clip=1.0, a longer optim.warmup, or run.bf16=false.")
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
     try:
         save_file(_flat_state(task.modules), str(tmp / 'model.safetensors'))
@@ -268,6 +279,9 @@ def load_task(path: str | Path, # run folder, ckpt folder, or checkpoint folder
     f = ck / f'{weights}.safetensors'
     if not f.exists(): f = ck / 'model.safetensors'
     _load_flat_state(task.modules, load_file(str(f)), optional=cls.train_only)
+    if bad := _nonfinite(task.modules):
+        raise ValueError(f"{f} holds non-finite weights ({', '.join(bad[:3])}): the run diverged before this checkpoint. "
+                         "Use an earlier checkpoint (ckpt/step_*) or retrain with a lower optim.lr.")
     for m in task.modules.values(): m.eval()
     task.step = meta['step']
     if getattr(getattr(cfg, 'sample', None), 'cuda_graph', False) and task.device.type == 'cuda':
@@ -351,6 +365,84 @@ def _check_finite(loss: torch.Tensor, step: int, phase: str, run_dir: Path):
     good = last.read_text().strip() if last.exists() else 'none yet'
     raise TrainingDiverged(f"Loss of '{phase}' became {loss.item()} at step {step}; stopped. Last good checkpoint: {good}. "
                            "Try a lower optim.lr, optim.grad_clip=1.0, a longer optim.warmup, or run.bf16=false.")
+
+# %% ../nbs/api/30_train.ipynb #4e482436
+_now = time.perf_counter  # the training loop's clock (seconds); tests replace it with a fake one
+PLAN_WINDOW = (5, 25)  # steps after the start whose pace turns a run.max_minutes budget into a step count
+
+def plan_steps(step: int, # the step at which the plan is made
+               total: int, # run.steps: the plan never exceeds it
+               minutes: float, # minutes the run has used so far
+               budget: float, # run.max_minutes
+               sec_per_step: float, # the measured pace
+              ) -> int:
+    "The step count a wall-clock budget buys at the measured pace: from then on the schedule follows steps, so --resume is exact."
+    return max(step + 1, min(total, step + int((budget - minutes) * 60 / max(sec_per_step, 1e-9))))
+
+class RunFolderBusy(RuntimeError):
+    "Another training holds the run folder's lock."
+
+class RunLock:
+    "run_dir/.lock holding this process's PID while it trains; a second training in the same folder is refused."
+    def __init__(self, run_dir: Path, enabled: bool = True): self.path, self.enabled, self.mine = Path(run_dir) / '.lock', enabled, False
+
+    def __enter__(self):
+        if not self.enabled: return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY); os.write(fd, f'{os.getpid()}\n'.encode()); os.close(fd)
+                self.mine = True; return self
+            except FileExistsError:
+                pid = self.path.read_text().strip()
+                if pid.isdigit() and _alive(int(pid)):
+                    raise RunFolderBusy(f"Another training (PID {pid}) is using the run folder {self.path.parent}; wait for it, "
+                                       f"stop it (kill {pid}), or set another run.out.") from None
+                self.path.unlink(missing_ok=True)  # left by a process that is gone
+        raise RunFolderBusy(f"Could not lock {self.path}; remove it if no training uses {self.path.parent}.")
+
+    def __exit__(self, *exc):
+        if self.mine: self.path.unlink(missing_ok=True)
+
+def _alive(pid: int) -> bool:
+    "Whether process `pid` exists (on this machine)."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return pid != 0
+
+ARCH_SECTIONS = ('model', 'disc', 'rrdb', 'cond', 'ae', 'guide', 'regressor_model')  # config sections that shape the weights
+
+def _flat_dict(d: dict, prefix: str = '') -> dict:
+    "{'a.b.c': value} of a nested dict."
+    return {k: v for kk, vv in d.items()
+            for k, v in (_flat_dict(vv, f'{prefix}{kk}.').items() if isinstance(vv, dict) else [(f'{prefix}{kk}', vv)])}
+
+def _arch_diff(old: dict, # a saved config (meta.json)
+               cfg) -> list[str]: # the run config, after the task has filled in its pretrained parts
+    "'key: old -> new' for every architecture setting (ARCH_SECTIONS) that differs between a checkpoint and a config."
+    new = json.loads(json.dumps(config_to_dict(cfg)))  # tuples as lists, as meta.json stores them
+    a, b = (_flat_dict({k: d[k] for k in ARCH_SECTIONS if k in d}) for d in (old, new))
+    return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+def _prepare_run_dir(run: Path, cls, cfg, resume: bool, overwrite: bool, D):
+    "Remove stale temporary checkpoints; refuse to train over checkpoints unless resuming (same task and architecture) or overwriting."
+    if D.is_main:
+        for tmp in (run / 'ckpt').glob('.tmp_step_*'): shutil.rmtree(tmp, ignore_errors=True)  # left by a killed write
+        used = [p for p in (run / 'ckpt' / 'latest', run / 'log.csv') if p.exists()]
+        if resume:
+            meta = json.loads((find_checkpoint(run) / 'meta.json').read_text())
+            if meta['task'] != cfg.task:
+                raise ConfigError(f"--resume: {run} holds a '{meta['task']}' run, this config is task '{cfg.task}'. Resume with "
+                                  f"{run / 'config.yaml'}, or set another run.out.")
+        elif used and not overwrite:
+            raise ConfigError(f"run.out={run} already holds a run ({', '.join(p.name for p in used)}). Pass --resume to continue it, "
+                              "--overwrite to start afresh (its checkpoints and logs are deleted), or set another run.out.")
+        elif used:
+            for p in ('ckpt', 'samples'): shutil.rmtree(run / p, ignore_errors=True)
+            for p in ('log.csv', 'val.csv'): (run / p).unlink(missing_ok=True)
+    if D.distributed: dist.barrier()
+
 
 # %% ../nbs/api/30_train.ipynb #1f72fcd0
 COMPILE_MODES: dict[str, str] = {  # run.compile -> what torch.compile does in that mode
@@ -441,16 +533,38 @@ def _evaluate(task: Task, val: dict, seed: int, grid_path: Path, D: dist.DistInf
     v = task.evaluate({k: t[idx] for k, t in val.items()}, seed, grid_path if D.is_main else None)
     return dist.all_reduce_mean(v, weight=len(idx))
 
+RUN_CHECKS = (  # (key, test, what the value must be): checked by `check_run_config`, in --dry-run and in every run
+    ('run.steps', lambda v: v >= 1, 'at least 1'), ('run.max_minutes', lambda v: v >= 0, '>= 0 (0: no budget)'),
+    ('run.log_every', lambda v: v >= 1, 'at least 1'), ('run.val_every', lambda v: v >= 0, '>= 0 (0: only at the end)'),
+    ('run.ckpt_every', lambda v: v >= 0, '>= 0 (0: only at the end)'), ('run.keep_ckpts', lambda v: v >= 1, 'at least 1'),
+    ('data.batch', lambda v: 1 <= v <= 65536, 'between 1 and 65536'), ('data.scale', lambda v: v >= 1, 'at least 1'),
+    ('optim.lr', lambda v: v > 0, 'positive'), ('optim.accum', lambda v: v >= 1, 'at least 1'),
+    ('data.val_images', lambda v: v >= 1, 'at least 1'),
+)
+
+def check_run_config(cfg) -> None:
+    "Raise a ConfigError naming the key when a run, data or optimiser setting is out of range (the same in --dry-run)."
+    for key, ok, must in RUN_CHECKS:
+        sec, name = key.split('.')
+        v = getattr(getattr(cfg, sec), name)
+        if not ok(v): raise ConfigError(f"{key}={v!r}: must be {must}.")
+    p, s = cfg.data.patch, cfg.data.scale
+    if p < s or p % s: raise ConfigError(f"data.patch={p} must be a positive multiple of data.scale={s} (e.g. {4 * s * 4}).")
+    if cfg.run.compile and cfg.run.compile not in COMPILE_MODES:
+        raise ConfigError(f"Unknown run.compile '{cfg.run.compile}'; use '' (off) or one of {list(COMPILE_MODES)}.")
+
 def train(cfg, # a run config (a task's `config_cls` instance)
           resume: bool = False, # continue from the run folder's latest checkpoint
           callback: Callable[[int, dict], None] | None = None, # called with (step, logs) after each step (on every rank)
+          overwrite: bool = False, # start afresh in a run folder that already holds checkpoints (they are removed)
          ) -> Path:
     "Train the task `cfg.task` as configured (one process, or every rank of a torchrun job); returns the run folder."
     cls = get_task(cfg.task)
-    if cfg.run.compile and cfg.run.compile not in COMPILE_MODES:
-        raise ConfigError(f"Unknown run.compile '{cfg.run.compile}'; use '' (off) or one of {list(COMPILE_MODES)}.")
+    check_run_config(cfg)
     with dist.joined(cfg.run.device) as D:
-        return _train(cfg, cls, D, resume, callback)
+        with RunLock(Path(cfg.run.out), enabled=D.is_main):
+            _prepare_run_dir(Path(cfg.run.out), cls, cfg, resume, overwrite, D)
+            return _train(cfg, cls, D, resume, callback)
 
 def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
     device = dist.device_for(cfg.run.device, D)
@@ -463,9 +577,12 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
     groups = task.param_groups()
     opts = {k: make_optimizer(ps, cfg.optim, device) for k, ps in groups.items()}
     ema = EMA(task.modules, cfg.optim.ema) if cfg.optim.ema > 0 else None
-    start, rng_restored = 0, False
+    start, rng_restored, plan, used = 0, False, 0, 0.0
     if resume:
         ck = find_checkpoint(run)
+        if diff := _arch_diff(json.loads((ck / 'meta.json').read_text())['config'], task.cfg):
+            raise ConfigError(f"--resume: the architecture differs from the run in {run} ({'; '.join(diff[:4])}). "
+                              f"Resume with {run / 'config.yaml'}, or set another run.out.")
         _load_flat_state(task.modules, load_file(str(ck / 'model.safetensors')))
         if ema is not None: _load_flat_state(ema.modules, load_file(str(ck / 'ema.safetensors')))
         st = torch.load(ck / 'state.pt', weights_only=True)
@@ -474,6 +591,7 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
         if not D.distributed: _set_rng_state(st['rng']); rng_restored = True
         elif len(st.get('rng_ranks', [])) == D.world: _set_rng_state(st['rng_ranks'][D.rank]); rng_restored = True
         if ema is not None: ema.n = int(st.get('ema_n', start))
+        plan, used = int(st.get('plan', 0)), float(st.get('minutes', 0.0))  # the budget's step plan and the minutes it has used
         if D.is_main:
             was = int(st.get('world', 1))
             print(f'resumed from {ck} at step {start}' + (f' ({was} -> {D.world} processes)' if was != D.world else ''))
@@ -490,8 +608,9 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
     ds = make_dataset(cfg.data, cfg.data.train, cfg.run.seed)
     val_ds = make_dataset(cfg.data, cfg.data.val, cfg.run.seed + 1, length=cfg.data.val_images, train=False)
     val = get_batch(val_ds, 0, cfg.data.val_images, device)
-    total, t0 = cfg.run.steps, time.perf_counter()
-    clock = lambda: dist.broadcast_float(time.perf_counter() - t0) / 60  # minutes; rank 0's clock decides for every rank
+    total, budget, t0 = cfg.run.steps, cfg.run.max_minutes, _now()
+    clock = lambda: used + dist.broadcast_float(_now() - t0) / 60  # minutes of the run; rank 0's clock decides for every rank
+    t_a = None
     from tqdm.auto import tqdm
     bar = tqdm(range(start, total), initial=start, total=total,
                disable=not cfg.run.progress or bool(os.environ.get('TQDM_DISABLE')) or not D.is_main, desc=cfg.task)
@@ -499,8 +618,12 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
     try:
         for step in bar:
             for m in task.modules.values(): m.train()
-            elapsed = clock() if cfg.run.max_minutes > 0 else 0.0
-            lr_now = lr_at(step, cfg.optim, total, elapsed / cfg.run.max_minutes if cfg.run.max_minutes > 0 else 0.0)
+            if budget > 0 and not plan:  # the wall-clock budget becomes a step count once, from the pace of PLAN_WINDOW
+                if step == start + PLAN_WINDOW[0]: t_a = clock()
+                if step == start + PLAN_WINDOW[1] and t_a is not None:
+                    plan = plan_steps(step, total, clock(), budget, (clock() - t_a) * 60 / (PLAN_WINDOW[1] - PLAN_WINDOW[0]))
+                    if D.is_main: print(f'budget of {budget:g} min planned as {plan} steps')
+            lr_now = lr_at(step, cfg.optim, plan or total)
             logs = {'step': step + 1, 'lr': lr_now}
             for phase, opt in opts.items():
                 for g in opt.param_groups: g['lr'] = lr_now * task.lr_mult(phase)
@@ -528,8 +651,8 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
                 dist.broadcast_state(trained, params=False)
             if ema is not None: ema.update(task.modules)
             done = step + 1
-            out_of_time = cfg.run.max_minutes > 0 and clock() >= cfg.run.max_minutes
-            last = done == total or out_of_time
+            out_of_time = budget > 0 and done < (plan or total) and clock() >= budget  # the plan overran: stop anyway
+            last = done == (plan or total) or out_of_time
             if done % cfg.run.log_every == 0 or last:
                 if D.distributed: logs.update(dist.all_reduce_mean({k: v for k, v in logs.items() if k not in ('step', 'lr')}))
                 logs['seconds'] = round(time.perf_counter() - t0, 2)
@@ -547,12 +670,16 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
                 if D.distributed:
                     dist.check_in_sync(task.modules, done)
                     rngs = dist.all_gather_object(_rng_state())
-                    if D.is_main: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts, extra={'rng_ranks': rngs, 'world': D.world})
+                    if D.is_main: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts,
+                                                  extra={'rng_ranks': rngs, 'world': D.world, 'plan': plan, 'minutes': clock()})
                     dist.barrier()  # nobody reads ckpt/latest before rank 0 has written it
-                else: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts)
+                else: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts, extra={'plan': plan, 'minutes': clock()})
             if callback is not None: callback(done, logs)
             if out_of_time:
-                if D.is_main: print(f'stopped at step {done}: wall-clock budget of {cfg.run.max_minutes} min reached')
+                if D.is_main: print(f'stopped at step {done}: wall-clock budget of {budget:g} min reached before the planned {plan or total}')
+                break
+            if plan and done == plan:
+                if D.is_main: print(f'stopped at step {done}: the {budget:g}-min budget\'s planned steps are done ({clock():.1f} min)')
                 break
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(_OOM_HELP) from e

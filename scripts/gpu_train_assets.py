@@ -53,7 +53,7 @@ def command(preset: str, runs: Path, minutes: float, smoke: bool) -> list[str]:
     ov = [o for o in ov if not (o.startswith('scale_batches') and not ae) and not (o.startswith('sample.') and ae)]
     ov += [f'{key}={runs / dep}' for key, dep in deps.items()]
     if _uses_key(preset, 'regressor'): ov.append(f'regressor={runs / "tiny_regression_x4"}')
-    return [sys.executable, '-m', 'diffsr_kit.cli', 'train', '--config', str(ROOT / 'configs' / f'{preset}.yaml'), *ov]
+    return [sys.executable, '-m', 'diffsr_kit.cli', 'train', '--overwrite', '--config', str(ROOT / 'configs' / f'{preset}.yaml'), *ov]
 
 
 def summarise(run: Path, wall: float, rc: int) -> dict:

@@ -1,0 +1,155 @@
+"""Nothing lost: a wall-clock budget resumes exactly, a used run folder is not overwritten silently, one training per
+folder, --resume checks what it continues, non-finite weights are never written or loaded, stale temporary checkpoints
+are removed, and the CLI answers bad run settings with one line and exit code 2 (each case failed before this file)."""
+import os, subprocess, sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffsr_kit.train as train_mod
+from diffsr_kit.cli import main
+from diffsr_kit.config import load_config, ConfigError
+from diffsr_kit.tasks import SRConfig
+from diffsr_kit.train import (RunFolderBusy, TrainingDiverged, find_checkpoint, load_task, plan_steps, save_checkpoint,
+                              train)
+
+TINY = ['task=regression', 'model.base_ch=8', 'model.ch_mult=[1,2]', 'model.attn_res=[]', 'model.image_size=16',
+        'model.n_res=1', 'data.patch=16', 'data.batch=2', 'data.val_images=2', 'run.progress=false', 'run.log_every=5',
+        'run.val_every=0', 'optim.ema=0.9', 'optim.warmup=2', 'diffusion.residual=true', 'model.norm_groups=4']
+
+
+def cfg_for(out, *extra):
+    return load_config(SRConfig, None, TINY + [f'run.out={out}', *extra])
+
+
+class Stop(Exception): pass
+
+
+def fake_clock(monkeypatch, sec_per_call=0.5):
+    "Replace the loop's clock with one that advances a fixed amount per reading: the budget's plan becomes reproducible."
+    t = [0.0]
+    def now():
+        t[0] += sec_per_call
+        return t[0]
+    monkeypatch.setattr(train_mod, '_now', now)
+
+
+def final_weights(run):
+    return {kind: load_file(str(find_checkpoint(run) / f'{kind}.safetensors')) for kind in ('model', 'ema')}
+
+
+def test_plan_steps_fills_the_budget_and_respects_run_steps():
+    assert plan_steps(25, 10_000, 1.0, 11.0, 0.6) == 25 + 1000  # 10 min left at 0.6 s/step
+    assert plan_steps(25, 300, 1.0, 11.0, 0.6) == 300           # capped by run.steps
+    assert plan_steps(25, 10_000, 12.0, 11.0, 0.6) == 26        # over budget already: one more step, then stop
+
+
+def test_resume_with_a_wall_clock_budget_is_exact(tmp_path, monkeypatch):
+    "Before: the learning rate followed the wall clock, which a resume restarted (it jumped back to the peak)."
+    budget = ['run.max_minutes=0.5', 'run.steps=100000', 'run.ckpt_every=20']
+    fake_clock(monkeypatch)
+    a = train(cfg_for(tmp_path / 'a', *budget))
+    plan = torch.load(find_checkpoint(a) / 'state.pt', weights_only=True)['plan']
+    assert 30 < plan < 100, plan  # the 0.5-min budget at ~0.5 s per step, planned once
+    assert int(find_checkpoint(a).name.split('_')[1]) == plan
+    def kill(step, logs):
+        if step == 40: raise Stop
+    fake_clock(monkeypatch)
+    with pytest.raises(Stop):
+        train(cfg_for(tmp_path / 'b', *budget), callback=kill)
+    st = torch.load(find_checkpoint(tmp_path / 'b') / 'state.pt', weights_only=True)
+    assert st['step'] == 40 and st['plan'] == plan and st['minutes'] > 0
+    fake_clock(monkeypatch)
+    b = train(cfg_for(tmp_path / 'b', *budget), resume=True)
+    wa, wb = final_weights(a), final_weights(b)
+    for kind in wa:
+        assert wa[kind].keys() == wb[kind].keys()
+        assert all(torch.equal(wa[kind][k], wb[kind][k]) for k in wa[kind]), kind
+    lr_a = [r.split(',')[1] for r in (a / 'log.csv').read_text().splitlines()[1:]]
+    lr_b = [r.split(',')[1] for r in (b / 'log.csv').read_text().splitlines()[1:]]
+    assert lr_a == lr_b  # the same learning rates, row for row (the resumed run appends to its log)
+
+
+def test_used_folder_needs_resume_or_overwrite(tmp_path):
+    run = train(cfg_for(tmp_path / 'r', 'run.steps=2'))
+    before = final_weights(run)['model']
+    with pytest.raises(ConfigError, match='already holds a run.*--resume.*--overwrite'):
+        train(cfg_for(tmp_path / 'r', 'run.steps=2', 'run.seed=5'))
+    assert all(torch.equal(before[k], final_weights(run)['model'][k]) for k in before)  # untouched
+    train(cfg_for(tmp_path / 'r', 'run.steps=3', 'run.seed=5'), overwrite=True)
+    assert find_checkpoint(run).name == 'step_00000003'
+    assert len((run / 'log.csv').read_text().splitlines()) == 2  # header + the new run's last row (log_every 5): old rows gone
+
+
+def test_second_training_in_the_same_folder_is_refused(tmp_path):
+    run = tmp_path / 'r'; run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (run / '.lock').write_text(f'{sleeper.pid}\n')
+        with pytest.raises(RunFolderBusy, match=f'PID {sleeper.pid}'):
+            train(cfg_for(run, 'run.steps=1'))
+    finally:
+        sleeper.kill(); sleeper.wait()
+    train(cfg_for(run, 'run.steps=1'))  # the lock of a process that is gone is taken over ...
+    assert not (run / '.lock').exists()  # ... and released at the end
+
+
+def test_resume_checks_task_and_architecture(tmp_path):
+    run = train(cfg_for(tmp_path / 'r', 'run.steps=2'))
+    with pytest.raises(ConfigError, match=r"model.base_ch: 8 -> 16"):
+        train(cfg_for(run, 'run.steps=4', 'model.base_ch=16'), resume=True)
+    with pytest.raises(ConfigError, match="holds a 'regression' run"):
+        train(load_config(SRConfig, None, [t for t in TINY if t != 'task=regression'] + [f'run.out={run}', 'run.steps=4']),
+              resume=True)
+    train(cfg_for(run, 'run.steps=4', 'optim.lr=1e-4'), resume=True)  # optimiser settings may change
+    assert find_checkpoint(run).name == 'step_00000004'
+
+
+def test_stale_temporary_checkpoint_is_removed(tmp_path):
+    stale = tmp_path / 'r' / 'ckpt' / '.tmp_step_00000007_999999'
+    stale.mkdir(parents=True); (stale / 'model.safetensors').write_bytes(b'x' * 1000)
+    train(cfg_for(tmp_path / 'r', 'run.steps=1'))
+    assert not stale.exists()
+
+
+def test_nonfinite_weights_never_written_nor_loaded(tmp_path, capsys):
+    run = train(cfg_for(tmp_path / 'r', 'run.steps=2', 'run.ckpt_every=1'))
+    t = load_task(run)
+    with torch.no_grad(): next(t.modules['unet'].parameters()).fill_(float('inf'))
+    with pytest.raises(TrainingDiverged, match=r'non-finite by step 3.*Last good checkpoint: step_00000002'):
+        save_checkpoint(run, 3, t, None, {})
+    assert find_checkpoint(run).name == 'step_00000002' and not (run / 'ckpt' / 'step_00000003').exists()
+    ck = find_checkpoint(run)
+    flat = load_file(str(ck / 'ema.safetensors'))
+    k = next(k for k in flat if flat[k].is_floating_point())
+    flat[k] = flat[k].clone().fill_(float('nan'))
+    save_file(flat, str(ck / 'ema.safetensors'))
+    with pytest.raises(ValueError, match='non-finite weights'):
+        load_task(run)
+    lr = tmp_path / 'lr.png'
+    from PIL import Image
+    Image.new('RGB', (8, 8), (120, 60, 30)).save(lr)
+    assert main(['sample', '--ckpt', str(run), '--input', str(lr), '--out', str(tmp_path / 'sr.png')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'non-finite weights' in err[0], err
+    assert not (tmp_path / 'sr.png').exists()
+
+
+@pytest.mark.parametrize('override, key', [
+    ('run.steps=-1', 'run.steps'), ('run.log_every=0', 'run.log_every'), ('data.batch=1000000000', 'data.batch'),
+    ('data.patch=0', 'data.patch'), ('data.scale=3', 'data.patch'), ('optim.lr=-1', 'optim.lr'),
+    ('run.keep_ckpts=0', 'run.keep_ckpts'), ('run.compile=fastest', 'run.compile'),
+])
+def test_dry_run_and_train_refuse_bad_run_settings(override, key, tmp_path, capsys):
+    "Before: --dry-run 'validated' these and a real run trained nothing (steps=-1) or divided by zero (log_every=0)."
+    for extra in (['--dry-run'], []):
+        code = main(['train', '--config', 'configs/tiny_regression_x4.yaml', *extra, f'run.out={tmp_path}/r', override])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and key in err[0] and 'Traceback' not in err[0], (extra, err)
+    assert not (tmp_path / 'r' / 'ckpt').exists()
+
+
+def test_resume_and_overwrite_together_is_an_error(tmp_path, capsys):
+    assert main(['train', '--config', 'configs/tiny_regression_x4.yaml', '--resume', '--overwrite', f'run.out={tmp_path}/r']) == 2
+    assert 'pass one of them' in capsys.readouterr().err
