@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['FAST', 'OVERSHOOT', 'is_fast', 'available_devices', 'get_device', 'bf16_supported', 'seed_everything',
-           'make_generator', 'to_float01', 'normalize01', 'to_rgb', 'to_grey', 'img2tensor', 'to_model', 'from_model',
-           'tensor2uint8', 'tensor2pil', 'show_images', 'atomic_write', 'atomic_write_text']
+__all__ = ['FAST', 'STEP_HOOK', 'OVERSHOOT', 'is_fast', 'available_devices', 'get_device', 'bf16_supported', 'seed_everything',
+           'make_generator', 'step_done', 'to_float01', 'normalize01', 'to_rgb', 'to_grey', 'img2tensor', 'to_model',
+           'from_model', 'tensor2uint8', 'tensor2pil', 'show_images', 'atomic_write', 'atomic_write_text']
 
 # %% ../nbs/api/00_core.ipynb #5d2e0a8d
 def is_fast(env: dict | None = None) -> bool:
@@ -64,6 +64,16 @@ def seed_everything(seed: int) -> int:
 def make_generator(seed: int, device: str | torch.device = 'cpu') -> torch.Generator:
     "A `torch.Generator` on `device` seeded with `seed`."
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+import contextvars
+STEP_HOOK: contextvars.ContextVar = contextvars.ContextVar('diffsr_step_hook', default=None)  # hook(i, n) after each sampling step
+
+def step_done(i: int, # steps done so far
+              n: int, # steps in all
+             ):
+    "Tell the caller's STEP_HOOK (if it set one) that a sampling loop finished step i of n; the hook may raise to stop the loop."
+    hook = STEP_HOOK.get()
+    if hook is not None: hook(i, n)
 
 # %% ../nbs/api/00_core.ipynb #2e804591
 _INT_MAX = {np.dtype('uint8'): 255, np.dtype('uint16'): 65535, np.dtype('int16'): 32767, np.dtype('uint32'): 2**32 - 1}

@@ -13,16 +13,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .core import tensor2uint8
+from .core import tensor2uint8, atomic_write, STEP_HOOK
 from .data import PIL_MODES, get_info, list_images, load_image, read_image
 from .degrade import DegradeConfig, degrade, describe, resize
 from .metrics import lr_psnr, pixel_std_map, psnr, ssim
 
 # %% auto #0
 __all__ = ['MODELS', 'SHIPPED', 'ACCEPTED_FORMATS', 'MODE_NOTES', 'DEEP_COLOUR_NOTE', 'EXIF_ORIENTATIONS', 'DEGRADATIONS',
-           'DEFAULT_MODELS', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS', 'SRModel', 'bicubic_upsample',
-           'bicubic_model', 'register_model', 'models_available', 'assets_dir', 'checkpoint_model', 'register_shipped',
-           'DemoInputError', 'read_upload', 'DemoConfig', 'UpscaleResult', 'default_model', 'upscale', 'make_demo',
+           'DEFAULT_MODELS', 'OUTPUT_MAX_AGE_S', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS', 'SRModel',
+           'bicubic_upsample', 'bicubic_model', 'register_model', 'models_available', 'assets_dir', 'checkpoint_model',
+           'register_shipped', 'DemoCancelled', 'DemoInputError', 'read_upload', 'DemoConfig', 'UpscaleResult',
+           'default_model', 'output_root', 'clean_outputs', 'write_outputs', 'upscale', 'make_demo',
            'detect_environment', 'host_warning', 'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args',
            'demo_cli_run']
 
@@ -134,11 +135,14 @@ register_shipped()
 # %% ../nbs/api/52_demo.ipynb #05be1971
 ACCEPTED_FORMATS = ('PNG', 'JPEG', 'WEBP', 'TIFF', 'BMP')  # PIL format names the demo decodes
 
+class DemoCancelled(Exception):
+    "The request was cancelled; its computation stopped at the next sampling step."
+
 class DemoInputError(ValueError):
     "A bad input or option; the message says what is wrong and what to do."
     def __init__(self, kind: str, message: str):
         super().__init__(message)
-        self.kind = kind  # 'no_input', 'empty', 'not_image', 'format', 'corrupt', 'too_large', 'too_small', 'option'
+        self.kind = kind  # 'no_input', 'empty', 'not_image', 'format', 'corrupt', 'too_large', 'too_small', 'too_much', 'option'
 
 _GREY = "converted to RGB (the grey value repeated in R, G and B)"
 _BITS16 = "scaled to [0, 1] by 1/65535 and " + _GREY + "; the outputs are 8-bit PNG"
@@ -238,6 +242,8 @@ class DemoConfig:
     max_samples: int = 8  # most SR samples per request
     max_steps: int = 1000  # most sampling steps per request
     max_frames: int = 10  # trajectory frames shown (evenly spaced, last included)
+    max_sr_pixels: int = 1024 * 1024  # SR pixels of one sample (bounds the memory of one network call); larger: refused
+    max_work: float = 1.6e7  # SR pixels x samples x network calls of one request (about 2 min of SR3 on 2 CPU cores); larger: refused
     default_sample: str = 'astronaut'  # sample picked when the page opens
     default_scale: int = 4  # scale picked when the page opens
     default_degradation: str = 'classic'  # one of DEGRADATIONS
@@ -301,6 +307,17 @@ def _pick_sampler(m: SRModel, sampler, steps, cfg: DemoConfig, notes: list) -> t
     return sampler, steps
 
 # %% ../nbs/api/52_demo.ipynb #b22eb6bb
+def _check_work(W: int, H: int, K: int, calls: int, cfg: DemoConfig):
+    "Refuse (DemoInputError 'too_much') a request whose SR size or SR pixels x samples x network calls is over the limits."
+    if W * H > cfg.max_sr_pixels:
+        raise DemoInputError('too_much', f"The SR image would be {W}x{H} = {W * H / 1e6:.1f} M pixels; this demo makes at most "
+                             f"{cfg.max_sr_pixels / 1e6:.1f} M per sample (refused, not tiled). Use a smaller image or a smaller scale.")
+    work = W * H * K * calls
+    if work > cfg.max_work:
+        raise DemoInputError('too_much', f"This request asks for {W}x{H} SR pixels x {K} sample(s) x {calls} network call(s) = "
+                             f"{work / 1e6:.0f} M, over this demo's limit of {cfg.max_work / 1e6:.0f} M (about two minutes here; "
+                             "refused, not tiled). Use fewer samples, fewer steps, or a smaller image or scale.")
+
 def _read_input(image, sample, max_side: int, notes: list) -> tuple[np.ndarray, str]:
     "(float HWC RGB in [0,1], a short description) of the upload, or else of the sample."
     if image not in (None, ''):
@@ -353,6 +370,52 @@ def _frames(traj: list, max_frames: int) -> list:
     idx = np.unique(np.linspace(0, T - 1, min(T, max_frames)).round().astype(int))
     return [(tensor2uint8(traj[i].detach().float().cpu().clamp(0, 1)), f'{i + 1}/{T}') for i in idx]
 
+# %% ../nbs/api/52_demo.ipynb #f33e452a
+OUTPUT_MAX_AGE_S = 3600.0  # served output folders older than this are removed (when the app is made and with each request)
+
+def _gradio_cancelled() -> Callable[[], bool]:
+    "For a call inside a Gradio event: a predicate that turns True once the event is cancelled (it has left the queue's jobs)."
+    try:
+        from gradio.context import LocalContext
+        eid, blocks = LocalContext.event_id.get(None), LocalContext.blocks.get(None)
+        q = blocks._queue
+    except Exception: return lambda: False  # not inside an event (a direct call, a test): never cancelled
+    if eid is None: return lambda: False
+    return lambda: not any(e._id == eid for job in q.active_jobs if job for e in job)
+
+def output_root() -> Path:
+    "Where the app writes the files it serves: inside Gradio's cache folder, so they are served as they are (never re-copied)."
+    from gradio.utils import get_upload_folder
+    return Path(get_upload_folder()) / 'diffsr_outputs'
+
+def clean_outputs(root: Path, # output_root()
+                  max_age_s: float = OUTPUT_MAX_AGE_S, # remove request folders last written longer ago than this
+                  now: float | None = None, # time.time(); for tests
+                 ) -> int:
+    "Remove the request folders under `root` older than `max_age_s`; returns how many went."
+    import shutil
+    now, gone = time.time() if now is None else now, 0
+    for d in (root.iterdir() if root.is_dir() else []):
+        try:
+            if d.is_dir() and now - d.stat().st_mtime > max_age_s: shutil.rmtree(d, ignore_errors=True); gone += 1
+        except FileNotFoundError: pass  # removed by another request meanwhile
+    return gone
+
+def write_outputs(r: UpscaleResult, # one request's result
+                  root: Path, # output_root()
+                 ) -> dict:
+    "The result's images as PNG files in a new folder of this request alone, each written atomically: what `run` returns."
+    import uuid
+    d = root / uuid.uuid4().hex
+    d.mkdir(parents=True)
+    def png(a, name):
+        return str(atomic_write(d / name, lambda p: Image.fromarray(a).save(p, format='PNG')))
+    return dict(lr=png(r.lr, 'lr.png'), bicubic=png(r.bicubic, 'bicubic.png'), sr=png(r.sr, 'sr.png'),
+                samples=[(png(x, f'sample_{i + 1}.png'), f'sample {i + 1}') for i, x in enumerate(r.samples)],
+                trajectory=[(png(f, f'step_{j:02d}.png'), c) for j, (f, c) in enumerate(r.trajectory)],
+                std_map=png(r.std_map, 'std.png') if r.std_map is not None else None)
+
+
 # %% ../nbs/api/52_demo.ipynb #d2dcc0d9
 def upscale(image=None, # path of an uploaded image file; wins over `sample`
             sample: str | None = 'astronaut', # a registered image name (diffsr_kit.data), used when image is None
@@ -366,6 +429,7 @@ def upscale(image=None, # path of an uploaded image file; wins over `sample`
             cfg: DemoConfig | None = None, # limits
             registry: dict | None = None, # name -> loader; default MODELS
             progress: Callable | None = None, # progress(fraction, desc=...) or None
+            cancelled: Callable[[], bool] | None = None, # checked after every sampling step: True stops the work (DemoCancelled)
            ) -> UpscaleResult:
     "Super-resolve one input as the demo page does; DemoInputError (a clear message) for bad inputs and options."
     t_start = time.perf_counter()
@@ -404,10 +468,16 @@ def upscale(image=None, # path of an uploaded image file; wins over `sample`
     if h > cfg.max_lr_side or w > cfg.max_lr_side:
         raise DemoInputError('too_large', f"The LR image is too large: {w}x{h} pixels (at most {cfg.max_lr_side}x"
                              f"{cfg.max_lr_side}). Crop or downscale it first.")
+    _check_work(w * s, h * s, K, steps or 1, cfg)
     prog(0.1, desc=f'{m.name}: sampling')
     sub = lambda f, desc=None: prog(0.1 + 0.8 * float(f), desc=desc or f'{m.name}: sampling')
+    def hook(i, n):  # after each sampling step of the model (core.step_done)
+        if cancelled is not None and cancelled(): raise DemoCancelled(f"{m.name}: cancelled after step {i} of {n}.")
+        sub(i / n, desc=f'{m.name}: step {i}/{n}')
     t0 = time.perf_counter()
-    out = m.run(lr, sampler=sampler, steps=steps, seed=seed, n_samples=K, progress=sub)
+    token = STEP_HOOK.set(hook)
+    try: out = m.run(lr, sampler=sampler, steps=steps, seed=seed, n_samples=K, progress=sub)
+    finally: STEP_HOOK.reset(token)
     seconds = time.perf_counter() - t0
     sr = out['sr'].detach().float().cpu()
     if sr.ndim != 4 or tuple(sr.shape[1:]) != (3, h * s, w * s) or len(sr) < 1:
@@ -486,6 +556,10 @@ def make_demo(registry: dict | None = None, # name -> loader; default MODELS
     scale0 = cfg.default_scale if cfg.default_scale in scales else scales[0]
     of_scale = lambda s: [n for n, m in models.items() if m.scale == int(s)]
     model0 = default_model(models, scale0)
+    out_root = output_root()
+    clean_outputs(out_root)  # what earlier sessions left
+    import threading
+    gate = threading.BoundedSemaphore(cfg.concurrency)
 
     def sampler_updates(name):
         m = models.get(name)
@@ -522,15 +596,20 @@ def make_demo(registry: dict | None = None, # name -> loader; default MODELS
             n_samples: number of SR samples K
             degradation: 'classic' or 'shuffled' (degrade the input first; it is the HR reference) or 'none' (input is LR)
         """
+        cancelled = _gradio_cancelled()
         try:
-            r = upscale(image, sample, scale, model, sampler, steps, seed, n_samples, degradation, cfg=cfg,
-                        registry=registry, progress=lambda f, desc=None: progress(f, desc=desc))
+            with gate:  # a cancelled computation keeps its slot until it has stopped: never more than cfg.concurrency at once
+                if cancelled(): raise DemoCancelled('cancelled while waiting')
+                r = upscale(image, sample, scale, model, sampler, steps, seed, n_samples, degradation, cfg=cfg,
+                            registry=registry, progress=lambda f, desc=None: progress(f, desc=desc), cancelled=cancelled)
+        except DemoCancelled as e: raise gr.Error(str(e), title='Cancelled') from None
         except DemoInputError as e: raise gr.Error(str(e), title='Cannot upscale this input') from None
         except Exception as e:
             raise gr.Error(f"The model failed: {type(e).__name__}: {e}. The input was fine; try another model, "
                            "fewer samples or a smaller image.", title='Model error') from None
-        return (r.lr, r.bicubic, r.sr, [(x, f'sample {i + 1}') for i, x in enumerate(r.samples)], r.trajectory,
-                r.std_map, r.metrics, _notes_md(r))
+        clean_outputs(out_root)
+        f = write_outputs(r, out_root)  # files of this request alone: concurrent identical results never share a path
+        return (f['lr'], f['bicubic'], f['sr'], f['samples'], f['trajectory'], f['std_map'], r.metrics, _notes_md(r))
 
     with gr.Blocks(title='diffsr_kit demo', analytics_enabled=False) as demo:
         gr.Markdown("# diffsr_kit: diffusion super-resolution demo\n"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, load_config
-from .core import make_generator
+from .core import make_generator, step_done
 from .diffusion import PARAMETERISATIONS, upsample_lr
 from .schedules import Schedule, SCHEDULES, get_schedule
 from .losses import GAN_LOSSES, LazyR1, PerceptualConfig, PerceptualLoss, LDDPM_VGG_LAYERS, VGG_MODES
@@ -273,7 +273,8 @@ class LDDPMTask(Task):
             y, x0 = posterior_step(s, x0, y, i, generator=gen)
             if traj is not None:
                 traj['xt'].append(y[..., :H, :W].cpu()); traj['pred_x0'].append(x0[..., :H, :W].cpu()); traj['t'].append(int(t[0]))
-        sr = self.decode_chain(y, lrp)[..., :H, :W]
+            step_done(S - i, S)
+        sr = self.decode_chain(y, lrp, mods)[..., :H, :W]
         if not return_trajectory: return sr
         return sr, dict(xt=torch.stack(traj['xt']), pred_x0=torch.stack(traj['pred_x0']), t=torch.tensor(traj['t']))
 

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .core import make_generator
+from .core import make_generator, step_done
 from .schedules import Schedule, extract
 from .diffusion import Diffusion, PARAMETERISATIONS, p_mean_variance, _choice
 
@@ -152,6 +152,7 @@ def ddpm_sample(model_fn: Callable, # model_fn(xt, t) -> output; t: (N,) long pa
         t_model = s.timesteps[i].to(x.device).expand(x.shape[0])
         x, x0 = ddpm_step(s, model_fn(x, t_model), x, i, guidance=guidance, guidance_scale=guidance_scale, generator=gen, **kw)
         if traj is not None: traj['xt'].append(x.cpu()); traj['pred_x0'].append(x0.cpu()); traj['t'].append(int(s.timesteps[i]))
+        step_done(s.T - i, s.T)
     return _result(x, traj, return_trajectory)
 
 # %% ../nbs/api/05_samplers.ipynb #71307013
@@ -181,6 +182,7 @@ def ddim_sample(model_fn: Callable, # model_fn(xt, t) -> output; t: (N,) long pa
         x, x0 = ddim_step(s, model_fn(x, t_model), x, i, eta=eta, guidance=guidance,
                           guidance_scale=guidance_scale, generator=gen, **kw)
         if traj is not None: traj['xt'].append(x.cpu()); traj['pred_x0'].append(x0.cpu()); traj['t'].append(int(s.timesteps[i]))
+        step_done(s.T - i, s.T)
     return _result(x, traj, return_trajectory)
 
 # %% ../nbs/api/05_samplers.ipynb #9dffc8d2

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ConfigError
-from .core import make_generator, from_model
+from .core import make_generator, from_model, step_done
 from .diffusion import upsample_lr
 from .schedules import Schedule, SCHEDULES, get_schedule
 from .samplers import StepOutput
@@ -272,6 +272,7 @@ class SRDDGANTask(Task):
             if self.cfg.gan.fresh_z and i < S - 1: z = self._z(lr.shape[0], lr.device, gen)
             y, y0 = posterior_step(s, self.generate(mods['generator'], y, t, cond, z), y, i, generator=gen)
             if traj is not None: traj['xt'].append(y.cpu()); traj['pred_x0'].append(y0.cpu()); traj['t'].append(int(t[0]))
+            step_done(S - i, S)
         sr = self.decode_chain(y, lr, mods)
         if not return_trajectory: return sr
         return sr, dict(xt=torch.stack(traj['xt']), pred_x0=torch.stack(traj['pred_x0']), t=torch.tensor(traj['t']))

@@ -1,6 +1,6 @@
 """The Gradio demo: the upscale function called directly, then the app through gradio_client on 127.0.0.1,
 then `diffsr demo` (demo_cli_run) in a subprocess. References are PIL and scikit-image, never the demo itself."""
-import io, os, signal, socket, struct, subprocess, sys, time, warnings, zlib
+import io, os, signal, socket, struct, subprocess, sys, tempfile, time, warnings, zlib
 from pathlib import Path
 
 os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'
@@ -292,6 +292,74 @@ def test_api_toy_model_panels(app, files):
     with Image.open(std) as im: assert im.size == (80, 96) and im.format == 'PNG'
     assert metrics['sr']['std_mean'] > 0 and metrics['steps'] == 5
 
+def test_concurrent_identical_requests_all_download_whole_files(app, files):
+    "8 threads x 5 requests with identical outputs. Before: they shared one content-hashed cache file that each request "
+    "rewrote while others downloaded it (15-17 % failed: 'Too little/much data for declared Content-Length')."
+    import concurrent.futures as cf
+    from gradio_client import Client
+    from diffsr_kit.demo import output_root
+    demo, _ = app
+    want = np.asarray(Image.open(call(app[1], image=files['good'], scale=2)[2]))  # the SR image of this input
+    def worker(k):
+        c = Client(demo.local_url, verbose=False, analytics_enabled=False, httpx_kwargs={'timeout': WAIT},
+                   download_files=tempfile.mkdtemp(prefix=f'diffsr_client{k}_'))
+        out = []
+        for _ in range(5):
+            lr, bic, sr, *_ = call(c, image=files['good'], scale=2)
+            with Image.open(sr) as im: out.append(np.array_equal(np.asarray(im), want))
+            with Image.open(lr) as im: out.append(np.array_equal(np.asarray(im), files['rgb']))
+        return out
+    before = set(output_root().iterdir()) if output_root().is_dir() else set()
+    with cf.ThreadPoolExecutor(8) as ex: results = [r for f in [ex.submit(worker, k) for k in range(8)] for r in f.result()]
+    assert len(results) == 80 and all(results)
+    new = set(output_root().iterdir()) - before
+    assert len(new) >= 40  # one folder of files per request: nothing served is shared or rewritten
+
+def test_cancelled_request_stops_its_work_and_holds_its_slot_until_then(tmp_path):
+    "Before: cancelling freed the queue slot while the computation ran on (4 cancelled jobs held both cores)."
+    from gradio_client import Client
+    from diffsr_kit.core import step_done
+    log = dict(steps=[], active=0, max_active=0)
+    def slow_model():
+        def run(lr, sampler=None, steps=None, seed=0, n_samples=1, progress=None):
+            log['active'] += 1; log['max_active'] = max(log['max_active'], log['active'])
+            done = 0
+            try:
+                for i in range(steps):
+                    time.sleep(0.05); done = i + 1
+                    step_done(i + 1, steps)  # a real sampler reports each step like this
+            finally:
+                log['active'] -= 1; log['steps'].append(done)
+            return dict(sr=bicubic_upsample(lr, 2).repeat(n_samples, 1, 1, 1), trajectory=[])
+        return SRModel('slow-x2', 2, {'loop': 100}, run)
+    demo = make_demo(registry={'slow-x2': slow_model}, cfg=DemoConfig(max_lr_side=64), samples=['astronaut'])
+    launch_demo(demo, host='127.0.0.1', port=free_port(), where='script')
+    try:
+        c = Client(demo.local_url, verbose=False, analytics_enabled=False, httpx_kwargs={'timeout': WAIT},
+                   download_files=str(tmp_path))
+        from gradio_client import handle_file
+        img = tmp_path / 'in.png'; Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(img)
+        args = dict(image=handle_file(str(img)), sample='', scale=2, model='slow-x2', sampler='loop', steps=100, seed=0,
+                    n_samples=1, degradation='none')
+        first = c.submit(api_name='/upscale', **args)
+        t_end = time.time() + WAIT
+        while log['active'] == 0 and time.time() < t_end: time.sleep(0.02)  # it is computing
+        time.sleep(0.3)
+        first.cancel()
+        second = c.submit(api_name='/upscale', **args)  # queued right away: must not run beside the cancelled one
+        second.result(timeout=WAIT)
+    finally:
+        demo.close()
+    assert len(log['steps']) == 2 and log['steps'][0] < 50 and log['steps'][1] == 100, log  # the first stopped early
+    assert log['max_active'] == 1, log
+
+def test_old_output_folders_are_cleaned(tmp_path):
+    from diffsr_kit.demo import clean_outputs
+    old, fresh = tmp_path / 'a', tmp_path / 'b'
+    for d in (old, fresh): d.mkdir(); (d / 'sr.png').write_bytes(b'x')
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert clean_outputs(tmp_path, max_age_s=3600) == 1 and not old.exists() and fresh.exists()
+
 def test_api_notes_for_16bit_and_rgba(app, files):
     _, client = app
     *_, notes = call(client, image=files['grey16'])
@@ -368,3 +436,37 @@ def test_cli_serves_until_ctrl_c(tmp_path):
     if presses > 1: warnings.warn(f'the demo needed {presses} Ctrl-C presses; stacks after the first:\n{logs[-6000:]}')
     assert 'WARNING' in logs and f'listen on {host}' in logs and f'serving on http://{host}:{port}/' in logs
     with socket.socket() as s: assert s.connect_ex((host, port)) != 0  # the port is closed again
+
+
+# ---------------------------------------------------------------- the work one request may ask for (issue: no bound)
+
+def _counting_model(calls):
+    "An x4 'diffusion' model with a 50-step sampler whose run only counts its calls (so a refusal costs nothing)."
+    def run(lr, sampler=None, steps=None, seed=0, n_samples=1, progress=None):
+        calls.append(steps)
+        n, c, h, w = lr.shape
+        return dict(sr=bicubic_upsample(lr, 4).expand(n_samples, c, 4 * h, 4 * w).clone(), trajectory=[])
+    return SRModel('count-x4', 4, {'ddim': 50}, run)
+
+@pytest.mark.parametrize('kw, shape', [
+    (dict(n_samples=8, steps=50), '512x512 SR pixels x 8 sample(s) x 50 network call(s) = 105 M'),  # 8 x 50 on a 128^2 LR
+    (dict(n_samples=1, steps=1000), '512x512 SR pixels x 1 sample(s) x 1000 network call(s) = 262 M'),
+])
+def test_request_over_the_work_budget_is_refused_before_any_work(kw, shape):
+    calls = []
+    reg = {'count-x4': lambda: _counting_model(calls)}
+    with pytest.raises(DemoInputError, match='Use fewer samples, fewer steps') as e:
+        upscale(sample='astronaut', scale=4, model='count-x4', registry=reg, **kw)
+    assert e.value.kind == 'too_much' and shape in str(e.value) and calls == []
+    r = upscale(sample='astronaut', scale=4, model='count-x4', registry=reg, n_samples=2, steps=20)  # 10 M: within
+    assert calls == [20] and r.sr.shape == (512, 512, 3)
+
+def test_sr_size_over_the_limit_is_refused_for_one_shot_models_too(tmp_path):
+    "Before: a 0.8 MB upload at bicubic x8 with 8 samples took 55 s and +5.4 GB."
+    photo = tmp_path / 'big.png'
+    Image.fromarray((np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)).save(photo)
+    with pytest.raises(DemoInputError, match=r'4096x4096 = 16.8 M pixels.*at most 1.0 M per sample') as e:
+        upscale(image=str(photo), scale=8, model='bicubic-x8', degradation='none', n_samples=8)
+    assert e.value.kind == 'too_much'
+    cfg = DemoConfig(max_sr_pixels=4096 * 4096, max_work=4096 * 4096 * 8)  # the limits are settings
+    assert upscale(image=str(photo), scale=8, model='bicubic-x8', degradation='none', n_samples=1, cfg=cfg).sr.shape == (4096, 4096, 3)
