@@ -39,9 +39,9 @@ SMOKE = ['run.steps=2', 'run.max_minutes=0', 'data.batch=2', 'data.val_images=2'
 
 
 def _uses_key(preset: str, key: str) -> bool:
-    "Whether the preset's YAML sets `key` at its top level (e.g. regressor:), so the override is valid for its task."
-    text = (ROOT / 'configs' / f'{preset}.yaml').read_text()
-    return any(line.split(':')[0].strip() == key for line in text.splitlines() if not line.startswith((' ', '#')))
+    "Whether the preset's YAML (or one of its bases) sets `key` at its top level (e.g. regressor:), so the override is valid."
+    from diffsr_kit.config import read_yaml_chain
+    return any(key in node for _, node in read_yaml_chain(ROOT / 'configs' / f'{preset}.yaml'))
 
 
 def command(preset: str, runs: Path, minutes: float, smoke: bool) -> list[str]:
@@ -60,8 +60,10 @@ def summarise(run: Path, wall: float, rc: int) -> dict:
     "Steps, wall clock, images/s and the last validation row of a finished run."
     logs = list(csv.DictReader(open(run / 'log.csv'))) if (run / 'log.csv').exists() else []
     val = list(csv.DictReader(open(run / 'val.csv'))) if (run / 'val.csv').exists() else []
-    cfg = (run / 'config.yaml').read_text() if (run / 'config.yaml').exists() else ''
-    batch = next((int(l.split(':')[1]) for l in cfg.splitlines() if l.strip().startswith('batch:')), None)
+    batch = None
+    if (run / 'config.yaml').exists():
+        from omegaconf import OmegaConf
+        batch = OmegaConf.select(OmegaConf.load(run / 'config.yaml'), 'data.batch')
     steps = int(logs[-1]['step']) if logs else 0
     secs = float(logs[-1]['seconds']) if logs else None
     return dict(rc=rc, steps=steps, wall_s=round(wall, 1), train_s=secs, batch=batch,
