@@ -296,7 +296,7 @@ def test_preset_loads_fits_in_4mb_and_bad_keys_fail(tmp_path):
     assert get_task('lddpm') is LDDPMTask and TASKS['lddpm'] is LDDPMTask
     cfg = check_lddpm_config(load_config(LDDPMConfig, PRESET))
     assert (cfg.data.patch, cfg.data.scale, cfg.run.max_minutes, cfg.lddpm.T) == (64, 4, 60, 4)
-    assert cfg.lddpm.residual and cfg.regressor == 'assets/tiny_regression_x4'  # the residual to the frozen regressor
+    assert cfg.lddpm.residual and cfg.regressor == ''  # the residual to Up(LR)
     assert cfg.lddpm.w_content == 0 and cfg.lddpm.w_style == 0  # no VGG-19 in the tiny preset (see its header)
     task = LDDPMTask(cfg, CPU)  # pretrained=True: must not need any downloaded weights
     assert task.perceptual is None

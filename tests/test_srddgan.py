@@ -273,9 +273,9 @@ def test_preset_loads_and_bad_keys_are_named():
     cfg = load_run_config('configs/tiny_srddgan_x4.yaml', [])
     assert isinstance(cfg, SRDDGANConfig) and cfg.task == 'srddgan'
     check_srddgan_config(cfg)
-    assert (cfg.data.patch, cfg.data.scale, cfg.model.base_ch, list(cfg.model.ch_mult)) == (64, 4, 16, [1, 2, 2])
+    assert (cfg.data.patch, cfg.data.scale, cfg.model.base_ch, list(cfg.model.ch_mult)) == (64, 4, 32, [1, 2, 2])
     assert cfg.gan.T == 4 and tuple(cfg.optim.betas) == (0.5, 0.9) and cfg.run.max_minutes <= 60
-    assert cfg.gan.residual and cfg.regressor == 'assets/tiny_regression_x4'  # the residual to the frozen regressor
+    assert cfg.gan.residual and cfg.regressor == ''  # the residual to Up(LR) (the regressor variant measured worse)
     with pytest.raises(ConfigError, match=r'gan\.alhpa'):
         load_run_config('configs/tiny_srddgan_x4.yaml', ['gan.alhpa=1'])
     with pytest.raises(ConfigError, match=r'gan\.r1_gamma'):
