@@ -36,6 +36,23 @@ def _config_error(e: OmegaConfBaseException, source: str) -> ConfigError:
                        "Fix: give a value of the type the dataclass declares.")
 
 # %% ../nbs/api/29_config.ipynb #402899b6
+def _load_mapping(p: Path):
+    "The OmegaConf mapping in YAML file `p`; a ConfigError naming the file (never its content) when it is not one."
+    if p.suffix.lower() not in ('.yaml', '.yml'):
+        raise ConfigError(f"Config {p} is not a .yaml/.yml file; configs (and their 'base:') must be YAML files, e.g. configs/*.yaml.")
+    import yaml
+    try: node = OmegaConf.load(p)
+    except yaml.YAMLError as e:
+        where = getattr(e, 'problem_mark', None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ''
+        problem = getattr(e, 'problem', None) or type(e).__name__
+        raise ConfigError(f"Config {p} is not valid YAML{at}: {problem}. Only plain YAML is read (no tags such as !!python).") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise ConfigError(f"Config {p} cannot be read as a YAML text file ({type(e).__name__}).") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"Config {p} must be a mapping of sections (task:, model:, run:, ...), not a {type(node).__name__}.")
+    return node
+
 def read_yaml_chain(path: str | Path, # a YAML file, possibly with `base: other.yaml`
                    ) -> list[tuple[str, object]]:
     "[(file name, OmegaConf node), ...] from the root base to `path`, each without its `base` key."
@@ -44,8 +61,8 @@ def read_yaml_chain(path: str | Path, # a YAML file, possibly with `base: other.
         if not p.exists(): raise FileNotFoundError(f"Config file not found: {p}. Check the path (presets live in configs/).")
         if any(Path(n).resolve() == p.resolve() for n, _ in chain):
             raise ConfigError(f"Config {p} is its own base (a 'base:' cycle); point 'base:' at a different file.")
-        node = OmegaConf.load(p)
-        base = node.pop('base', None) if hasattr(node, 'pop') else None
+        node = _load_mapping(p)
+        base = node.pop('base', None)
         chain.append((str(p), node))
         p = (p.parent / str(base)) if base else None
     return chain[::-1]

@@ -21,9 +21,9 @@ from . import dist
 # %% auto #0
 __all__ = ['TASKS', 'TASK_MODULES', 'OPTIMIZERS', 'PLAN_WINDOW', 'ARCH_SECTIONS', 'COMPILE_MODES', 'RUN_CHECKS', 'DataConfig',
            'OptimConfig', 'RunConfig', 'SampleConfig', 'Task', 'register_task', 'get_task', 'lr_at', 'make_optimizer',
-           'EMA', 'save_checkpoint', 'find_checkpoint', 'load_task', 'export_checkpoint', 'make_dataset', 'get_batch',
-           'validate', 'TrainingDiverged', 'plan_steps', 'RunFolderBusy', 'RunLock', 'CUDAGraphed', 'cuda_graphed',
-           'check_run_config', 'train']
+           'EMA', 'read_weights', 'save_checkpoint', 'find_checkpoint', 'load_task', 'export_checkpoint',
+           'make_dataset', 'get_batch', 'validate', 'TrainingDiverged', 'plan_steps', 'RunFolderBusy', 'RunLock',
+           'CUDAGraphed', 'cuda_graphed', 'check_run_config', 'train']
 
 # %% ../nbs/api/30_train.ipynb #afe2100a
 @dataclass
@@ -207,6 +207,14 @@ def _load_flat_state(modules: dict[str, nn.Module], flat: dict[str, torch.Tensor
                                    "was it written by a different model config?")
         m.load_state_dict({n: sd[n].to(ref[n].dtype) for n in ref})
 
+def read_weights(f: Path) -> dict[str, torch.Tensor]:
+    "The tensors of a .safetensors file; a ValueError naming the file when it is truncated or not safetensors."
+    try: return load_file(str(f))
+    except FileNotFoundError: raise
+    except Exception as e:  # safetensors' own error type (SafetensorError) is not a ValueError
+        raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); the write was cut short or the "
+                         "file is damaged. Use another checkpoint (ckpt/step_*), or export / download it again.") from None
+
 def _nonfinite(modules: dict[str, nn.Module]) -> list[str]:
     "Names '<module>.<tensor>' of floating-point parameters and buffers holding NaN or Inf."
     return [f'{k}.{n}' for k, m in modules.items() for n, t in getattr(m, '_orig_mod', m).state_dict().items()
@@ -278,7 +286,7 @@ def load_task(path: str | Path, # run folder, ckpt folder, or checkpoint folder
     task = cls(cfg, get_device(device), pretrained=False)
     f = ck / f'{weights}.safetensors'
     if not f.exists(): f = ck / 'model.safetensors'
-    _load_flat_state(task.modules, load_file(str(f)), optional=cls.train_only)
+    _load_flat_state(task.modules, read_weights(f), optional=cls.train_only)
     if bad := _nonfinite(task.modules):
         raise ValueError(f"{f} holds non-finite weights ({', '.join(bad[:3])}): the run diverged before this checkpoint. "
                          "Use an earlier checkpoint (ckpt/step_*) or retrain with a lower optim.lr.")
@@ -548,6 +556,9 @@ def check_run_config(cfg) -> None:
         sec, name = key.split('.')
         v = getattr(getattr(cfg, sec), name)
         if not ok(v): raise ConfigError(f"{key}={v!r}: must be {must}.")
+    dev = cfg.run.device
+    if dev is not None and dev.split(':')[0] not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"run.device={dev!r}: use cpu, cuda, cuda:N or mps (or leave it unset for the best one available).")
     p, s = cfg.data.patch, cfg.data.scale
     if p < s or p % s: raise ConfigError(f"data.patch={p} must be a positive multiple of data.scale={s} (e.g. {4 * s * 4}).")
     if cfg.run.compile and cfg.run.compile not in COMPILE_MODES:
@@ -583,8 +594,8 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
         if diff := _arch_diff(json.loads((ck / 'meta.json').read_text())['config'], task.cfg):
             raise ConfigError(f"--resume: the architecture differs from the run in {run} ({'; '.join(diff[:4])}). "
                               f"Resume with {run / 'config.yaml'}, or set another run.out.")
-        _load_flat_state(task.modules, load_file(str(ck / 'model.safetensors')))
-        if ema is not None: _load_flat_state(ema.modules, load_file(str(ck / 'ema.safetensors')))
+        _load_flat_state(task.modules, read_weights(ck / 'model.safetensors'))
+        if ema is not None: _load_flat_state(ema.modules, read_weights(ck / 'ema.safetensors'))
         st = torch.load(ck / 'state.pt', weights_only=True)
         for k, o in opts.items(): o.load_state_dict(st['opts'][k])
         start = st['step']

@@ -153,3 +153,36 @@ def test_dry_run_and_train_refuse_bad_run_settings(override, key, tmp_path, caps
 def test_resume_and_overwrite_together_is_an_error(tmp_path, capsys):
     assert main(['train', '--config', 'configs/tiny_regression_x4.yaml', '--resume', '--overwrite', f'run.out={tmp_path}/r']) == 2
     assert 'pass one of them' in capsys.readouterr().err
+
+
+@pytest.fixture
+def bad_configs(tmp_path):
+    "YAML files that used to end in a raw traceback (or, for `base:`, print another file's content)."
+    files = {'broken.yaml': 'task: ddpm\nmodel: [1, 2\n', 'list.yaml': '- a\n- b\n',
+             'tag.yaml': 'task: !!python/object:os.system ls\n', 'base_other.yaml': f'base: {tmp_path}/secret.txt\n'}
+    (tmp_path / 'secret.txt').write_text('password: hunter2\n')
+    for k, v in files.items(): (tmp_path / k).write_text(v)
+    return tmp_path
+
+
+@pytest.mark.parametrize('name, says', [
+    ('broken.yaml', 'is not valid YAML at line 3'), ('list.yaml', 'must be a mapping of sections'),
+    ('tag.yaml', 'no tags such as !!python'), ('base_other.yaml', 'is not a .yaml/.yml file'),
+])
+def test_bad_yaml_is_one_line_naming_the_file(bad_configs, name, says, capsys):
+    assert main(['train', '--config', str(bad_configs / name), '--dry-run']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and 'hunter2' not in err[0], err
+
+
+def test_unknown_device_and_damaged_checkpoint_are_one_line(tmp_path, capsys):
+    assert main(['train', '--config', 'configs/tiny_regression_x4.yaml', '--dry-run', 'run.device=tpu']) == 2
+    assert 'run.device' in capsys.readouterr().err
+    run = train(cfg_for(tmp_path / 'r', 'run.steps=1'))
+    f = find_checkpoint(run) / 'ema.safetensors'
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])  # a write cut short
+    with pytest.raises(ValueError, match='not a readable safetensors file'):
+        load_task(run)
+    assert main(['eval', '--ckpt', str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'ema.safetensors' in err[0], err
