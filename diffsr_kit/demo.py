@@ -78,8 +78,8 @@ def models_available(registry: dict | None = None, # name -> loader; default: MO
         key = (name, loader)
         if key not in _LOADED:
             try: m = loader()
-            except FileNotFoundError as e:
-                missing[name] = str(e) or type(e).__name__
+            except FileNotFoundError as e:  # paths relative to the checkout: the page never shows this machine's folders
+                missing[name] = (str(e) or type(e).__name__).replace(f'{assets_dir().parent}{os.sep}', '')
                 continue
             if not isinstance(m, SRModel):
                 raise TypeError(f"The loader of model {name!r} returned {type(m).__name__}; it must return an SRModel.")
