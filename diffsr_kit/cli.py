@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 # %% auto #0
-__all__ = ['COMMANDS', 'BENCHES', 'DATA_COMMANDS', 'SHIPPED_DIFFUSION', 'Command', 'register', 'build_parser', 'main',
-           'read_image_file', 'load_run_config', 'parse_runs']
+__all__ = ['COMMANDS', 'BENCHES', 'DATA_COMMANDS', 'CLI_MAX_SIDE', 'SHIPPED_DIFFUSION', 'Command', 'register', 'build_parser',
+           'main', 'read_image_file', 'load_run_config', 'parse_runs']
 
 # %% ../nbs/api/60_cli.ipynb #68e83c60
 @dataclass
@@ -114,22 +114,39 @@ def _data_list(a) -> int:
     return 0
 
 # %% ../nbs/api/60_cli.ipynb #e604d600
+CLI_MAX_SIDE = 8192  # widest / tallest image the CLI reads (the demo's limit is DemoConfig.max_lr_side)
+
+def _out_file(path: str) -> Path:
+    "The --out path, checked: a file name (not a folder), its folder created."
+    out = Path(path)
+    if out.is_dir() or str(path).endswith(('/', '\\')):
+        raise ValueError(f"--out {path} is a folder; give a file name, e.g. {Path(path) / 'out.png'}.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+def _save_png(img, out: Path):
+    "Write a PIL image as PNG atomically (a reader never sees half a file)."
+    from diffsr_kit.core import atomic_write
+    atomic_write(out, lambda p: img.save(p, format='PNG'))
+
 def read_image_file(path: str | Path, # an image file PIL can read (PNG, JPEG, WebP, TIFF, ...)
                     channels: int | None = 3, # 3: RGB, 1: grey, None: keep what the file has
                    ):
     "Read an image file into a CHW float tensor in [0, 1] (data.read_image's conversions, EXIF orientation applied)."
     import numpy as np, torch
-    from PIL import Image, UnidentifiedImageError
     from diffsr_kit.data import read_image
-    from diffsr_kit.demo import EXIF_ORIENTATIONS
+    from diffsr_kit.demo import EXIF_ORIENTATIONS, _probe
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"No such image file: {path}. Check the path.")
-    try:
-        a = read_image(path, channels)
-        with Image.open(path) as im: o = int(im.getexif().get(0x0112, 1))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"Cannot read {path} as an image ({e}). Use a PNG, JPEG, WebP or TIFF file.") from None
-    if o in EXIF_ORIENTATIONS: a = EXIF_ORIENTATIONS[o][1](a)
+    if path.is_dir(): raise ValueError(f"{path} is a folder; pass an image file (PNG, JPEG, WebP or TIFF).")
+    p = _probe(path, repr(str(path)))  # the demo's header check: format, size, orientation; no pixels decoded yet
+    if max(p['width'], p['height']) > CLI_MAX_SIDE:
+        raise ValueError(f"{path} is {p['width']}x{p['height']} pixels; the CLI reads images up to {CLI_MAX_SIDE} pixels a side "
+                         "(larger ones are refused before decoding). Crop or downscale it first.")
+    try: a = read_image(path, channels)
+    except Exception as e:
+        raise ValueError(f"Cannot decode {path} ({type(e).__name__}: {e}); the file is corrupt or truncated. Re-save it as PNG.") from None
+    if p['orientation'] in EXIF_ORIENTATIONS: a = EXIF_ORIENTATIONS[p['orientation']][1](a)
     if a.ndim == 2: a = a[..., None]
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
@@ -145,15 +162,16 @@ def _degrade_args(p):
 def _degrade(a) -> int:
     from diffsr_kit.degrade import DegradeConfig, degrade
     from diffsr_kit.core import tensor2pil
-    hr = read_image_file(a.input)
     s = a.scale
+    if s < 1: raise ValueError(f"--scale {s}: use a positive factor (2, 3, 4 or 8).")
+    out = _out_file(a.out)
+    hr = read_image_file(a.input)
     H, W = hr.shape[-2] // s * s, hr.shape[-1] // s * s
     if (H, W) != tuple(hr.shape[-2:]):
         print(f'note: cropped {tuple(hr.shape[-2:])} to {(H, W)} (a multiple of scale {s})', file=sys.stderr)
     if H == 0 or W == 0: raise ValueError(f'Image {a.input} is smaller than the scale {s}; use a larger image.')
     lr, params = degrade(hr[None, :, :H, :W], DegradeConfig(pipeline=a.pipeline, scale=s), [a.seed])
-    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    tensor2pil(lr[0]).save(out, format='PNG')
+    _save_png(tensor2pil(lr[0]), out)
     print(json.dumps({'out': str(out), 'hr_size': [H, W], 'lr_size': list(lr.shape[-2:]), 'params': params[0]}, default=str))
     return 0
 
@@ -246,11 +264,16 @@ def _sample_args(p):
 
 @_sample_args.runner
 def _sample(a) -> int:
-    import time
+    import time, torch
     from diffsr_kit.train import load_task
     from diffsr_kit.core import to_model, from_model, tensor2pil
+    out = _out_file(a.out)
     task = load_task(a.ckpt, device=a.device)
     s = task.cfg.data.scale
+    if a.scale is not None and not a.hr: raise ValueError("--scale only applies with --hr (it sets how the HR image is degraded).")
+    if a.scale is not None and a.scale != s:
+        raise ValueError(f"--scale {a.scale} but {a.ckpt} upscales by {s}: its SR image would not match the HR image. "
+                         f"Use --scale {s} (or leave it out).")
     if a.hr:
         from diffsr_kit.degrade import DegradeConfig, degrade
         hr = read_image_file(a.hr, channels=task.cfg.data.channels)
@@ -263,8 +286,10 @@ def _sample(a) -> int:
     t0 = time.perf_counter()
     sr = task.predict(to_model(lr01).to(task.device), seed=a.seed, **kw)
     dt = time.perf_counter() - t0
-    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
-    tensor2pil(from_model(sr[0]).float().cpu()).save(out, format='PNG')
+    if not torch.isfinite(sr).all():
+        raise ValueError(f"{a.ckpt} produced NaN or Inf pixels: its weights are broken (a diverged run?). Nothing written; "
+                         "use an earlier checkpoint (ckpt/step_*).")
+    _save_png(tensor2pil(from_model(sr[0]).float().cpu()), out)
     print(json.dumps({'out': str(out), 'lr_size': list(lr01.shape[-2:]), 'sr_size': list(sr.shape[-2:]), 'seconds': round(dt, 3)}))
     return 0
 

@@ -54,7 +54,7 @@ def test_degrade_bad_inputs(tmp_path, hr_png):
     assert r.returncode == 2 and 'No such image file' in r.stderr
     bad = tmp_path / 'notes.png'; bad.write_text('not an image')
     r = run('degrade', bad, '--out', tmp_path / 'x.png', ok=False)
-    assert r.returncode == 2 and 'Cannot read' in r.stderr
+    assert r.returncode == 2 and 'not an image file' in r.stderr
     r = run('degrade', hr_png, '--scale', 5, '--out', tmp_path / 'x.png', ok=False)
     assert r.returncode == 2 and 'scale' in r.stderr
 

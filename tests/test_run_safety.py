@@ -186,3 +186,34 @@ def test_unknown_device_and_damaged_checkpoint_are_one_line(tmp_path, capsys):
     assert main(['eval', '--ckpt', str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'ema.safetensors' in err[0], err
+
+
+@pytest.fixture(scope='module')
+def small_ckpt(tmp_path_factory):
+    return train(cfg_for(tmp_path_factory.mktemp('ck') / 'r', 'run.steps=1'))
+
+
+def _png(path, w, h):
+    from PIL import Image
+    Image.new('RGB', (w, h), (120, 60, 30)).save(path)
+    return path
+
+
+@pytest.mark.parametrize('case, args, says', [
+    ('degrade --scale 0', lambda d, ck: ['degrade', str(_png(d / 'a.png', 16, 16)), '--scale', '0', '--out', str(d / 'o.png')],
+     '--scale 0'),
+    ('degrade --out a folder', lambda d, ck: ['degrade', str(_png(d / 'a.png', 16, 16)), '--out', str(d)], 'is a folder'),
+    ('sample --out a folder', lambda d, ck: ['sample', '--ckpt', str(ck), '--input', str(_png(d / 'a.png', 8, 8)), '--out', str(d)],
+     'is a folder'),
+    ('sample --hr --scale 3 on an x4 model', lambda d, ck: ['sample', '--ckpt', str(ck), '--hr', str(_png(d / 'a.png', 24, 24)),
+                                                            '--scale', '3', '--out', str(d / 'o.png')], 'upscales by 4'),
+    ('an image over the size limit', lambda d, ck: ['degrade', str(_png(d / 'big.png', 9000, 16)), '--out', str(d / 'o.png')],
+     'up to 8192 pixels a side'),
+    ('not an image', lambda d, ck: ['degrade', str(d / 'x.png'), '--out', str(d / 'o.png')], 'not an image file'),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(case, args, says, tmp_path, small_ckpt, capsys):
+    (tmp_path / 'x.png').write_bytes(b'this is text, not a PNG')
+    assert main(args(tmp_path, small_ckpt)) == 2, case
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], (case, err)
+    assert not (tmp_path / 'o.png').exists()
