@@ -14,7 +14,7 @@ from diffsr_kit.models.autoencoders import AEConfig, build_autoencoder
 from diffsr_kit.tasks import AERunConfig
 from diffsr_kit.train import train, load_task
 from diffsr_kit.viz.degrade import set_knobs
-from diffsr_kit.viz.latents import (CEILING_KEYS, autoencoder_ceiling, collect_models, image_crops, interpolate_latents,
+from diffsr_kit.viz.latents import (CEILING_KEYS, as_autoencoder, autoencoder_ceiling, collect_models, image_crops, interpolate_latents,
                                     latent_explorer, latent_pca, read_log, code_usage, autoencode)
 
 STEPS = 12
@@ -58,7 +58,8 @@ def bicubic_down_up(hr, f):
 
 def test_ceiling_matches_skimage_and_scipy(vq_run, vq, vae):
     rows = autoencoder_ceiling({'vae': vae, 'vq': vq_run}, split='test', size=64)
-    assert [tuple(r) for r in rows] == [CEILING_KEYS] * 2 == [('model', 'f', 'psnr', 'ssim', 'bicubic_psnr', 'perplexity')] * 2
+    assert [tuple(r) for r in rows] == [CEILING_KEYS] * 2 == [('model', 'f', 'psnr', 'ssim', 'bicubic_psnr', 'perplexity', 'per_pixel')] * 2
+    assert [r['per_pixel'] for r in rows] == [vae.cfg.z_ch / 4, as_autoencoder(vq_run).cfg.z_ch / 16]  # z_ch / f^2
     assert [(r['model'], r['f']) for r in rows] == [('vae', 2), ('vq', 4)]
     hr = torch.stack(list(held_out_crops('test', 64).values()))
     assert len(hr) >= 3

@@ -309,7 +309,7 @@ def plot_interpolations(results: Mapping[str, dict], # {row label: result of `in
     return fig
 
 # %% ../../nbs/api/53_viz_latents.ipynb #15c7f659
-CEILING_KEYS = ('model', 'f', 'psnr', 'ssim', 'bicubic_psnr', 'perplexity')
+CEILING_KEYS = ('model', 'f', 'psnr', 'ssim', 'bicubic_psnr', 'perplexity', 'per_pixel')
 
 @torch.no_grad()
 def autoencoder_ceiling(models, # {name: model | folder | {f: model | folder}}, or a list of folders (see `collect_models`)
@@ -317,7 +317,7 @@ def autoencoder_ceiling(models, # {name: model | folder | {f: model | folder}}, 
                         size: int = 128, # centre-crop size (a multiple of every f)
                         device=None, # where to load folders; models passed as modules stay where they are
                        ) -> list[dict]:
-    "Rows {model, f, psnr, ssim, bicubic_psnr, perplexity (VQ only, else None)}: reconstruction vs bicubic on held-out crops."
+    "Rows {model, f, psnr, ssim, bicubic_psnr, perplexity (VQ only, else None), per_pixel}: reconstruction vs bicubic on held-out crops."
     from diffsr_kit.bench import held_out_crops
     from diffsr_kit.tasks import recon_metrics
     table = collect_models(models, device)
@@ -331,7 +331,7 @@ def autoencoder_ceiling(models, # {name: model | folder | {f: model | folder}}, 
             crops[C] = torch.stack(list(c.values()))
         m = recon_metrics(ae, to_model(crops[C]).to(_device_of(ae)))
         rows.append({'model': name, 'f': f, 'psnr': m['psnr'], 'ssim': m['ssim'], 'bicubic_psnr': m['bicubic_psnr'],
-                     'perplexity': m.get('perplexity')})
+                     'perplexity': m.get('perplexity'), 'per_pixel': ae.cfg.z_ch / f ** 2})  # latent numbers per HR pixel
     return rows
 
 def plot_ceiling(rows: Sequence[dict], # result of `autoencoder_ceiling`
