@@ -678,19 +678,21 @@ def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
                     v = _evaluate(task, val, cfg.run.seed, run / 'samples' / f'step_{done:08d}.png', D)
                 if D.is_main: _log_row(run / 'val.csv', {'step': done, **v})
             if (cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0) or last:
+                minutes = clock()  # on every rank: the clock is a collective (rank 0's time broadcast)
                 if D.distributed:
                     dist.check_in_sync(task.modules, done)
                     rngs = dist.all_gather_object(_rng_state())
                     if D.is_main: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts,
-                                                  extra={'rng_ranks': rngs, 'world': D.world, 'plan': plan, 'minutes': clock()})
+                                                  extra={'rng_ranks': rngs, 'world': D.world, 'plan': plan, 'minutes': minutes})
                     dist.barrier()  # nobody reads ckpt/latest before rank 0 has written it
-                else: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts, extra={'plan': plan, 'minutes': clock()})
+                else: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts, extra={'plan': plan, 'minutes': minutes})
             if callback is not None: callback(done, logs)
             if out_of_time:
                 if D.is_main: print(f'stopped at step {done}: wall-clock budget of {budget:g} min reached before the planned {plan or total}')
                 break
             if plan and done == plan:
-                if D.is_main: print(f'stopped at step {done}: the {budget:g}-min budget\'s planned steps are done ({clock():.1f} min)')
+                minutes = clock()  # every rank calls the clock (a collective), rank 0 prints
+                if D.is_main: print(f'stopped at step {done}: the {budget:g}-min budget\'s planned steps are done ({minutes:.1f} min)')
                 break
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(_OOM_HELP) from e
