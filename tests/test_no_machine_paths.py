@@ -27,7 +27,8 @@ def machine_paths():
 
 
 def test_no_tracked_file_names_this_machine():
-    bad = [(name, p) for name, text in tracked_text_files() for p in machine_paths() if p in text]
+    me = Path(__file__).resolve().relative_to(ROOT).as_posix()  # this file lists the folders it looks for
+    bad = [(name, p) for name, text in tracked_text_files() if name != me for p in machine_paths() if p in text]
     assert not bad, bad[:10]
 
 
