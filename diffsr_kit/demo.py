@@ -78,8 +78,8 @@ def models_available(registry: dict | None = None, # name -> loader; default: MO
         key = (name, loader)
         if key not in _LOADED:
             try: m = loader()
-            except FileNotFoundError as e:  # paths relative to the checkout: the page never shows this machine's folders
-                missing[name] = (str(e) or type(e).__name__).replace(f'{assets_dir().parent}{os.sep}', '')
+            except FileNotFoundError as e:
+                missing[name] = str(e) or type(e).__name__
                 continue
             if not isinstance(m, SRModel):
                 raise TypeError(f"The loader of model {name!r} returned {type(m).__name__}; it must return an SRModel.")
@@ -108,7 +108,9 @@ def checkpoint_model(path, # a checkpoint folder (shipped asset or run)
     "An `SRModel` running a trained checkpoint; raises FileNotFoundError when the folder is missing."
     from diffsr_kit.train import load_task
     from diffsr_kit.core import to_model, from_model
-    task = load_task(path)
+    try: task = load_task(path)
+    except FileNotFoundError as e:  # paths relative to the checkout: the page never shows this machine's folders
+        raise FileNotFoundError(str(e).replace(f'{assets_dir().parent}{os.sep}', '')) from None
     diffusion = hasattr(task, 'diffusion')
     samplers = {'ddim': task.cfg.sample.steps, 'ddpm': task.cfg.diffusion.T} if diffusion else {}
     def run(lr, sampler=None, steps=None, seed=0, n_samples=1, progress=None):
