@@ -529,6 +529,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'diffsr_kit.metrics.psnr': ('api/metrics.html#psnr', 'diffsr_kit/metrics.py'),
                                     'diffsr_kit.metrics.recommend_kid': ('api/metrics.html#recommend_kid', 'diffsr_kit/metrics.py'),
                                     'diffsr_kit.metrics.rgb_to_y': ('api/metrics.html#rgb_to_y', 'diffsr_kit/metrics.py'),
+                                    'diffsr_kit.metrics.shown_path': ('api/metrics.html#shown_path', 'diffsr_kit/metrics.py'),
                                     'diffsr_kit.metrics.ssim': ('api/metrics.html#ssim', 'diffsr_kit/metrics.py'),
                                     'diffsr_kit.metrics.ssim_map': ('api/metrics.html#ssim_map', 'diffsr_kit/metrics.py'),
                                     'diffsr_kit.metrics.time_per_image': ('api/metrics.html#time_per_image', 'diffsr_kit/metrics.py'),

@@ -87,9 +87,9 @@ class Claim:
 
 # %% ../nbs/api/43_claims.ipynb #726fa665
 def _vgg19_missing() -> str:
-    from diffsr_kit.metrics import weights_file
+    from diffsr_kit.metrics import weights_file, shown_path
     f = weights_file('vgg19')
-    return '' if f.is_file() else (f"needs ImageNet VGG-19 weights: {f.name} is not in {f.parent} "
+    return '' if f.is_file() else (f"needs ImageNet VGG-19 weights: {f.name} is not in {shown_path(f.parent)} "
                                    "(diffsr_kit never downloads weights; copy the file there to run this arm)")
 
 REQUIREMENTS: dict = {'vgg19': _vgg19_missing}  # name -> () -> '' when available, else why not

@@ -20,7 +20,7 @@ from .degrade import DegradeConfig, degrade
 __all__ = ['Y_COEFFS', 'SSIM_SIGMA', 'SSIM_TRUNCATE', 'SSIM_K1', 'SSIM_K2', 'LPIPS_NETS', 'FID_MIN_SAMPLES', 'COLOUR_SPACES',
            'rgb_to_y', 'crop_borders', 'psnr', 'gaussian_window', 'gaussian_filter', 'ssim_map', 'ssim',
            'grey_histogram', 'bicubic_degrade_fn', 'lr_psnr', 'consistency', 'MissingWeightsError', 'weights_file',
-           'load_backbone_state', 'LPIPSMetric', 'SmallSampleWarning', 'recommend_kid', 'fid_from_feats',
+           'shown_path', 'load_backbone_state', 'LPIPSMetric', 'SmallSampleWarning', 'recommend_kid', 'fid_from_feats',
            'kid_from_feats', 'InceptionFeatures', 'FIDKID', 'pixel_std_map', 'mean_pairwise_lpips', 'count_params',
            'time_per_image', 'describe_hardware', 'default_metric_implementations', 'ConventionCard', 'evaluate_batch']
 
@@ -216,6 +216,12 @@ def weights_file(key: str, # 'alex', 'vgg', 'vgg19' or 'inception'
     if key not in _TV_BUILDERS: raise ValueError(f"Unknown backbone {key!r}; use one of {sorted(_TV_BUILDERS)}.")
     return Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(_tv_weights(key).url)
 
+def shown_path(p: Path) -> str:
+    "A path as messages and result files show it: under the home folder as ~/..., so no file names this machine's user."
+    home = Path(os.path.expanduser('~'))
+    try: return '~/' + Path(p).relative_to(home).as_posix()
+    except ValueError: return str(p)
+
 def load_backbone_state(key: str, # 'alex', 'vgg', 'vgg19' or 'inception'
                        ) -> dict:
     "torchvision's ImageNet state dict from the hub cache, never downloaded; `MissingWeightsError` if absent."
@@ -223,10 +229,10 @@ def load_backbone_state(key: str, # 'alex', 'vgg', 'vgg19' or 'inception'
     if not path.is_file():
         url, b = _tv_weights(key).url, _TV_BUILDERS[key]
         raise MissingWeightsError(
-            f"Pretrained weights file '{path.name}' not found in {path.parent} (torch.hub.get_dir()/checkpoints; set TORCH_HOME "
+            f"Pretrained weights file '{path.name}' not found in {shown_path(path.parent)} (torch.hub.get_dir()/checkpoints; set TORCH_HOME "
             f"to use another cache). diffsr_kit never downloads weights. On a machine with internet, run\n"
             f"    python -c \"import torchvision; torchvision.models.{b}(weights='IMAGENET1K_V1')\"\n"
-            f"and copy ~/.cache/torch/hub/checkpoints/{path.name} into {path.parent}/ (or download {url} there). "
+            f"and copy ~/.cache/torch/hub/checkpoints/{path.name} into {shown_path(path.parent)}/ (or download {url} there). "
             f"For tests and plumbing only, use mode='random' (results are labelled '-random').")
     return torch.load(path, map_location='cpu', weights_only=True)
 
