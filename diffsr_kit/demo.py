@@ -635,8 +635,11 @@ def make_demo(registry: dict | None = None, # name -> loader; default MODELS
                 if missing:
                     gr.Markdown('**Not available here:**\n' + ''.join(f"\n- `{n}`: {why}" for n, why in missing.items()))
                 with gr.Row():
-                    sampler = gr.Dropdown([], value=None, label='Sampler', allow_custom_value=True, interactive=False)
-                    steps = gr.Slider(0, cfg.max_steps, value=0, step=1, label='Steps (0: default)', interactive=False)
+                    m0 = models[model0]; s0 = next(iter(m0.samplers), None)  # the preselected model's sampler, filled in on load
+                    sampler = gr.Dropdown(list(m0.samplers), value=s0, label='Sampler', allow_custom_value=True,
+                                          interactive=bool(m0.samplers))
+                    steps = gr.Slider(0, cfg.max_steps, value=m0.samplers.get(s0, 0) if s0 else 0, step=1,
+                                      label='Steps (0: default)', interactive=bool(m0.samplers))
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label='Seed')
                     n_samples = gr.Slider(1, cfg.max_samples, value=1, step=1, label='Samples K')

@@ -470,3 +470,13 @@ def test_sr_size_over_the_limit_is_refused_for_one_shot_models_too(tmp_path):
     assert e.value.kind == 'too_much'
     cfg = DemoConfig(max_sr_pixels=4096 * 4096, max_work=4096 * 4096 * 8)  # the limits are settings
     assert upscale(image=str(photo), scale=8, model='bicubic-x8', degradation='none', n_samples=1, cfg=cfg).sr.shape == (4096, 4096, 3)
+
+
+def test_page_opens_with_the_preselected_models_sampler():
+    "Before: the Sampler dropdown was empty on load (filled only when the model changed), though requests ran DDIM."
+    reg = {'slow-x2': lambda: SRModel('slow-x2', 2, {'ddim': 50, 'ddpm': 1000}, lambda lr, **k: None)}
+    demo = make_demo(registry=reg, cfg=DemoConfig(default_scale=2), samples=['astronaut'])
+    by_label = {getattr(b, 'label', None): b for b in demo.blocks.values()}
+    assert by_label['Model'].value == 'slow-x2'
+    assert by_label['Sampler'].value == 'ddim' and [c[0] for c in by_label['Sampler'].choices] == ['ddim', 'ddpm']
+    assert by_label['Steps (0: default)'].value == 50 and by_label['Sampler'].interactive
