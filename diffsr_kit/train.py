@@ -433,20 +433,21 @@ def _arch_diff(old: dict, # a saved config (meta.json)
     a, b = (_flat_dict({k: d[k] for k in ARCH_SECTIONS if k in d}) for d in (old, new))
     return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
-def _prepare_run_dir(run: Path, cls, cfg, resume: bool, overwrite: bool, D):
-    "Remove stale temporary checkpoints; refuse to train over checkpoints unless resuming (same task and architecture) or overwriting."
+def _prepare_run_dir(run: Path, cfg, resume: bool, overwrite: bool, D):
+    "Remove stale temporary checkpoints; refuse to train over checkpoints unless resuming (same task) or overwriting."
+    used = [p for p in (run / 'ckpt' / 'latest', run / 'log.csv') if p.exists()]  # every rank checks: an error stops all of them
+    if resume:
+        meta = json.loads((find_checkpoint(run) / 'meta.json').read_text())
+        if meta['task'] != cfg.task:
+            raise ConfigError(f"--resume: {run} holds a '{meta['task']}' run, this config is task '{cfg.task}'. Resume with "
+                              f"{run / 'config.yaml'}, or set another run.out.")
+    elif used and not overwrite:
+        raise ConfigError(f"run.out={run} already holds a run ({', '.join(p.name for p in used)}). Pass --resume to continue it, "
+                          "--overwrite to start afresh (its checkpoints and logs are deleted), or set another run.out.")
+    if D.distributed: dist.barrier()  # every rank has looked before rank 0 deletes anything
     if D.is_main:
         for tmp in (run / 'ckpt').glob('.tmp_step_*'): shutil.rmtree(tmp, ignore_errors=True)  # left by a killed write
-        used = [p for p in (run / 'ckpt' / 'latest', run / 'log.csv') if p.exists()]
-        if resume:
-            meta = json.loads((find_checkpoint(run) / 'meta.json').read_text())
-            if meta['task'] != cfg.task:
-                raise ConfigError(f"--resume: {run} holds a '{meta['task']}' run, this config is task '{cfg.task}'. Resume with "
-                                  f"{run / 'config.yaml'}, or set another run.out.")
-        elif used and not overwrite:
-            raise ConfigError(f"run.out={run} already holds a run ({', '.join(p.name for p in used)}). Pass --resume to continue it, "
-                              "--overwrite to start afresh (its checkpoints and logs are deleted), or set another run.out.")
-        elif used:
+        if used and not resume:
             for p in ('ckpt', 'samples'): shutil.rmtree(run / p, ignore_errors=True)
             for p in ('log.csv', 'val.csv'): (run / p).unlink(missing_ok=True)
     if D.distributed: dist.barrier()
@@ -574,7 +575,7 @@ def train(cfg, # a run config (a task's `config_cls` instance)
     check_run_config(cfg)
     with dist.joined(cfg.run.device) as D:
         with RunLock(Path(cfg.run.out), enabled=D.is_main):
-            _prepare_run_dir(Path(cfg.run.out), cls, cfg, resume, overwrite, D)
+            _prepare_run_dir(Path(cfg.run.out), cfg, resume, overwrite, D)
             return _train(cfg, cls, D, resume, callback)
 
 def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
