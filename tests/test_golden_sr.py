@@ -1,0 +1,29 @@
+"Every shipped checkpoint gives the SR output recorded before the consolidation (tests/golden_sr.py) for the same input and seed."
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from golden_sr import CALLS, GOLDEN, ROOT, lr_input, run, weights_hash
+
+ATOL = 1e-3  # in model range [-1, 1]: a quarter of an 8-bit level; a changed chain or noise order moves pixels by ~0.1
+
+@pytest.fixture(scope='module')
+def golden():
+    return dict(np.load(GOLDEN))
+
+def test_input_unchanged(golden):
+    np.testing.assert_array_equal(lr_input().numpy(), golden['lr'])
+
+@pytest.mark.parametrize('name,label,kw', [(n, l, kw) for n, calls in CALLS.items() for l, kw in calls])
+def test_same_output(golden, name, label, kw):
+    folder = ROOT / 'assets' / name
+    assert weights_hash(folder) == str(golden[f'{name}/sha256']), (
+        f"assets/{name} has new weights; after checking its pictures, re-record: python tests/golden_sr.py --only {name}")
+    got = run(folder, kw, lr_input())
+    want = golden[f'{name}/{label}']
+    assert got.shape == want.shape
+    err = float(np.abs(got - want).max())
+    assert err <= ATOL, f"{name} {label}: max |difference| {err:.2e} > {ATOL}"
