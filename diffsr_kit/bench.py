@@ -22,10 +22,10 @@ from .tasks import DDPMTask, SRConfig
 from .diffusion import Diffusion, DiffusionConfig
 
 # %% auto #0
-__all__ = ['CHAIN_TASKS', 'TRAIN_VARIANTS', 'device_name', 'time_fn', 'format_table', 'bench_degrade', 'held_out_crops',
-           'bicubic_sr', 'evaluate_sr', 'diffusers_scheduler', 'diffusers_loop', 'bench_sample', 'peak_flops',
-           'bench_train', 'RefUNetConfig', 'DiffusersRefConfig', 'DiffusersUNet', 'DiffusersUNetTask',
-           'reference_config', 'match_reference', 'bench_reference']
+__all__ = ['TRAIN_VARIANTS', 'device_name', 'time_fn', 'format_table', 'bench_degrade', 'held_out_crops', 'bicubic_sr',
+           'evaluate_sr', 'diffusers_scheduler', 'diffusers_loop', 'bench_sample', 'peak_flops', 'bench_train',
+           'RefUNetConfig', 'DiffusersRefConfig', 'DiffusersUNet', 'DiffusersUNetTask', 'reference_config',
+           'match_reference', 'bench_reference']
 
 # %% ../nbs/api/41_bench.ipynb #9612fee6
 def _cpu_model() -> str:
@@ -198,11 +198,9 @@ def diffusers_loop(model_fn, # model_fn(xt, t) -> output, as for our samplers
     return x
 
 # %% ../nbs/api/41_bench.ipynb #9d40a5d7
-CHAIN_TASKS = ('ddpm', 'latent')  # tasks whose sampler is a plain DDPM/DDIM chain that diffusers can drive too
-
 def _task_runs(task, runs):
     "The (sampler, steps) pairs that apply to `task`: all of `runs` for chain models, else the model's own sampler once."
-    if hasattr(task, 'diffusion'): return [(smp, k or task.diffusion.T) for smp, k in runs]
+    if task.samplers: return [(smp, k or task.default_steps('ddpm')) for smp, k in runs if smp in task.samplers]
     s = task.cfg.sample
     return [(s.sampler, s.steps)]
 
@@ -225,7 +223,7 @@ def bench_sample(tasks: dict, # name -> trained Task, e.g. from train.load_task
             full = time_fn(lambda: task.predict(lr, seed=0, sampler=sampler, steps=k), repeats, 1, dev)['median_s']
             row = dict(model=name, task=task.name, sampler=sampler, steps=k, sec_per_img=full / batch, img_per_s=batch / full,
                        device=device_name(dev))
-            if reference and task.name in CHAIN_TASKS:  # the chain alone, ours vs diffusers' loop
+            if reference and task.plain_chain:  # the chain alone, ours vs diffusers' loop
                 fn, shape = unet_fn(task.eval_modules['unet'], task.diffusion, lr=lr), task.chain_shape(lr)
                 ours = time_fn(lambda: sample(sampler, fn, shape, task.diffusion, steps=k, seed=0, device=dev, progress=False),
                                repeats, 1, dev)['median_s']
@@ -283,7 +281,7 @@ def _peak_memory_mb(dev: torch.device) -> float | None:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == 'darwin' else r / 1024
 
-def bench_train(cfg, # a run config (e.g. from cli.load_run_config)
+def bench_train(cfg, # a run config (e.g. from train.load_run_config)
                 steps: int = 10, # timed steps
                 warmup: int = 3, # untimed steps first
                 variant: str = 'fp32', # key of TRAIN_VARIANTS
@@ -293,7 +291,7 @@ def bench_train(cfg, # a run config (e.g. from cli.load_run_config)
     "Training throughput, step time, peak memory, FLOPs per image and MFU of `cfg`, measured on `steps` real `train` steps."
     import copy, dataclasses, tempfile
     from diffsr_kit.train import train
-    from diffsr_kit.dist import build_on_meta, trace_train_step
+    from diffsr_kit.plan import build_on_meta, trace_train_step
     if variant not in TRAIN_VARIANTS: raise ValueError(f"Unknown variant '{variant}'; available: {list(TRAIN_VARIANTS)}.")
     if steps < 1 or warmup < 1: raise ValueError(f"steps={steps}, warmup={warmup}: both must be >= 1.")
     cfg = copy.deepcopy(cfg)
@@ -379,7 +377,7 @@ def reference_config(cfg, width: int) -> DiffusersRefConfig:
 def match_reference(cfg, target: float, # FLOPs per image to match
                    ) -> tuple[DiffusersRefConfig, float]:
     "(reference config, its FLOPs / target) for the multiple-of-8 base width whose FLOPs are closest to `target`."
-    from diffsr_kit.dist import build_on_meta, trace_train_step
+    from diffsr_kit.plan import build_on_meta, trace_train_step
     def f(w):
         rc = reference_config(cfg, w)
         return rc, trace_train_step(build_on_meta(rc)[0], rc)['flops_per_img']

@@ -236,7 +236,24 @@ class _Unguided:
 class CGDPMTask(DDPMTask):
     "CG-DPM: a frozen conditional DDPM ('unet') steered by a guided network F_phi ('guide') trained with eq. 10-12."
     config_cls = CGDPMConfig
+    guided, plain_chain = True, False  # predict takes guidance_scale; the guide's hook is not a diffusers scheduler's
     train_only = ('pool',)  # the chain pool is training state: exports leave it out, loading rebuilds it empty
+
+    @classmethod
+    def arch_from_files(cls, cfg) -> str:
+        "The planner's hook: the frozen base DDPM's U-Net and chain from its meta.json (config key `guide.ddpm`)."
+        import json
+        from pathlib import Path
+        from diffsr_kit.config import config_from_dict
+        from diffsr_kit.diffusion import DiffusionConfig
+        from diffsr_kit.train import find_checkpoint
+        p = Path(cfg.guide.ddpm) if cfg.guide.ddpm else None
+        if p is None or not p.exists():
+            return f"base DDPM shape from the preset's `model` block ({cfg.guide.ddpm or 'no path'} is not there; nothing read)"
+        meta = json.loads((find_checkpoint(p) / 'meta.json').read_text())
+        cfg.model = config_from_dict(UNetConfig, meta['config']['model'])
+        cfg.diffusion = config_from_dict(DiffusionConfig, meta['config']['diffusion'])
+        return f"base DDPM shape from the JSON config in {p} (weights not read)"
 
     def __init__(self, cfg: CGDPMConfig, device, pretrained: bool = True):
         Task.__init__(self, cfg, device, pretrained)
@@ -293,18 +310,9 @@ class CGDPMTask(DDPMTask):
                 return_trajectory=False, progress=False):
         "Guided SR samples for `lr` (N,C,h,w) in [-1, 1]: eq. 13 (sampler='ddpm') or eq. 14-15 ('ddim'); scale 0: the base model."
         mods = modules or self.eval_modules
-        s = self.cfg.sample
-        sampler = sampler or s.sampler
-        _choice(SAMPLERS, sampler, 'sampler', 'sampler')
-        if steps is None and sampler == 'ddim': steps = s.steps
         scale = self.cfg.guide.guidance_scale if guidance_scale is None else float(guidance_scale)
-        kw = dict(seed=seed, steps=steps, return_trajectory=return_trajectory, progress=progress, device=lr.device,
-                  guidance=self.guidance(lr, mods), guidance_scale=scale)
-        if sampler == 'ddim': kw['eta'] = s.eta if eta is None else eta
-        res = SAMPLERS[sampler](unet_fn(mods['unet'], self.diffusion, lr=lr), self.chain_shape(lr), self.diffusion, **kw)
-        x, traj = res if return_trajectory else (res, None)
-        sr = self.decode_chain(x, lr, mods)
-        return (sr, traj) if return_trajectory else sr
+        return super().predict(lr, seed, mods, sampler, steps, eta, return_trajectory, progress,
+                               guidance=self.guidance(lr, mods), guidance_scale=scale)
 
     def evaluate(self, val, seed=0, grid_path=None):
         "PSNR/SSIM/LR-PSNR of the guided samples and (prefix base_) of the base model's, for the same noise."

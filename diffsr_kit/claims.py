@@ -11,13 +11,13 @@ from typing import Sequence
 
 import torch
 
-from .core import atomic_write_text
+from .core import atomic_write_text, repo_root
 
 # %% auto #0
 __all__ = ['METRICS', 'REQUIREMENTS', 'ARMS', 'CLAIMS', 'STEPS_UNCAPPED', 'TRAIN_DONE', 'Metric', 'Arm', 'Claim', 'unmet',
-           'claims_table', 'select_claims', 'check_registry', 'slug', 'repo_root', 'run_dir', 'budget_overrides',
-           'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'verdict', 'train_and_evaluate', 'run_claims',
-           'build_report', 'claims_markdown', 'write_claims']
+           'claims_table', 'select_claims', 'check_registry', 'slug', 'run_dir', 'budget_overrides', 'arm_overrides',
+           'arm_config', 'check_arm', 'in_repo_root', 'verdict', 'train_and_evaluate', 'run_claims', 'build_report',
+           'claims_markdown', 'write_claims']
 
 # %% ../nbs/api/43_claims.ipynb #200d85fe
 @dataclass(frozen=True)
@@ -260,13 +260,6 @@ def slug(name: str) -> str:
 # %% ../nbs/api/43_claims.ipynb #4d9f5f4f
 STEPS_UNCAPPED = 10_000_000  # run.steps when only the wall-clock budget stops training
 
-def repo_root() -> Path:
-    "The folder with configs/ and assets/: the current one if it has configs/, else the source checkout beside the package."
-    cwd = Path.cwd()
-    if (cwd / 'configs').is_dir(): return cwd
-    import diffsr_kit
-    return Path(diffsr_kit.__file__).resolve().parents[1]
-
 def run_dir(runs_dir: str | Path, run_key: str) -> Path:
     "The run folder of a training run."
     return Path(runs_dir) / slug(run_key)
@@ -292,7 +285,7 @@ def arm_overrides(arm: Arm, runs_dir: str | Path = 'runs/claims', minutes: float
 def arm_config(arm: Arm, runs_dir: str | Path = 'runs/claims', minutes: float = 3.0, steps_cap: int | None = None,
                extra: Sequence[str] = (), registry: dict[str, Arm] | None = None):
     "The run config of `arm` (preset + overrides + budget), validated key by key."
-    from diffsr_kit.cli import load_run_config
+    from diffsr_kit.train import load_run_config
     return load_run_config(str(repo_root() / arm.preset), arm_overrides(arm, runs_dir, minutes, steps_cap, extra, registry))
 
 def check_arm(arm: Arm, runs_dir: str | Path = 'runs/claims', extra: Sequence[str] = (), registry: dict[str, Arm] | None = None):

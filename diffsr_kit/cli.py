@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 # %% auto #0
-__all__ = ['COMMANDS', 'BENCHES', 'DATA_COMMANDS', 'CLI_MAX_SIDE', 'SHIPPED_DIFFUSION', 'Command', 'register', 'build_parser',
-           'main', 'read_image_file', 'load_run_config', 'parse_runs']
+__all__ = ['COMMANDS', 'BENCHES', 'DATA_COMMANDS', 'CLI_MAX_SIDE', 'Command', 'register', 'build_parser', 'main',
+           'read_image_file', 'parse_runs']
 
 # %% ../nbs/api/60_cli.ipynb #68e83c60
 @dataclass
@@ -92,9 +92,8 @@ def _add_sampling_args(p):
 
 def _predict_kwargs(task, a) -> dict:
     "Keyword arguments for `task.predict` from the sampling options; an error if the model has no guided network."
-    import inspect
     kw = {k: v for k, v in dict(sampler=a.sampler, steps=a.steps, guidance_scale=a.guidance_scale).items() if v is not None}
-    if 'guidance_scale' in kw and 'guidance_scale' not in inspect.signature(task.predict).parameters:
+    if 'guidance_scale' in kw and not task.guided:
         raise SystemExit(f"--guidance-scale: the '{task.name}' checkpoint has no guided network; "
                          "use it with a CG-DPM checkpoint (e.g. assets/tiny_cgdpm_x4) or leave it out.")
     return kw
@@ -192,19 +191,6 @@ def _bench_degrade(a) -> int:
     return 0
 
 # %% ../nbs/api/60_cli.ipynb #5e97e069
-def load_run_config(path: str | None, overrides: list[str] = ()):
-    "The run config of a YAML preset (its `task` picks the dataclass) with overrides applied."
-    from diffsr_kit.train import get_task
-    from diffsr_kit.config import load_config, read_yaml_chain
-    task = 'ddpm'
-    if path is not None:
-        p = Path(path)
-        if not p.exists(): raise FileNotFoundError(f"Config file not found: {p}. Presets live in configs/ (e.g. configs/tiny_sr3_x4.yaml).")
-        for _, node in read_yaml_chain(p): task = node.get('task', task)
-    for o in overrides:
-        if o.startswith('task='): task = o.split('=', 1)[1]
-    return load_config(get_task(task).config_cls, path, list(overrides))
-
 @register(COMMANDS, 'train', 'Train a model from a YAML preset (configs/*.yaml) with key=value overrides')
 def _train_args(p):
     p.add_argument('--config', required=True, help='YAML preset, e.g. configs/tiny_sr3_x4.yaml')
@@ -218,13 +204,15 @@ def _train_args(p):
 @_train_args.runner
 def _train(a) -> int:
     from diffsr_kit.config import config_to_yaml
+    from diffsr_kit.train import load_run_config
     cfg = load_run_config(a.config, a.overrides)
     from diffsr_kit.config import ConfigError
     if a.resume and a.overwrite: raise ConfigError('--resume continues a run and --overwrite deletes it: pass one of them.')
     from diffsr_kit.train import check_run_config
     check_run_config(cfg)  # the same checks as a real run
     if a.dry_run:
-        from diffsr_kit.dist import estimate_run, format_estimate, env_info
+        from diffsr_kit.dist import env_info
+        from diffsr_kit.plan import estimate_run, format_estimate
         est = estimate_run(cfg, world=a.gpus or env_info().world)
         if a.json: print(json.dumps(est)); return 0
         print(config_to_yaml(cfg)); print(format_estimate(est)); return 0
@@ -345,7 +333,7 @@ def _bench_ae_args(p):
 @_bench_ae_args.runner
 def _bench_ae(a) -> int:
     from diffsr_kit.viz.latents import autoencoder_ceiling
-    from diffsr_kit.demo import assets_dir
+    from diffsr_kit.core import assets_dir
     from diffsr_kit.bench import format_table, device_name
     specs = a.models or [f'{k}={assets_dir() / k}' for k in ('tiny_vae_f4', 'tiny_vqvae_f4')]
     models = {}
@@ -361,9 +349,6 @@ def _bench_ae(a) -> int:
     return 0
 
 # %% ../nbs/api/60_cli.ipynb #af196ce0
-SHIPPED_DIFFUSION = ('tiny_sr3_x4', 'tiny_sr4_x4', 'tiny_vae_ddpm_x4', 'tiny_vqvae_ddpm_x4', 'tiny_srddgan_x4', 'tiny_cgdpm_x4',
-                     'tiny_lddpm_x4')  # default `bench sample` models (those present in assets/)
-
 def parse_runs(spec: str) -> list[tuple]:
     "'ddpm:1000,ddim:50' -> [('ddpm', 1000), ('ddim', 50)]; 'ddpm' alone means all T steps."
     out = []
@@ -389,10 +374,11 @@ def _bench_sample_args(p):
 @_bench_sample_args.runner
 def _bench_sample(a) -> int:
     from diffsr_kit.bench import bench_sample, format_table
-    from diffsr_kit.demo import assets_dir
+    from diffsr_kit.core import assets_dir
     from diffsr_kit.train import load_task
     runs = parse_runs(a.runs)
-    specs = a.ckpt or [f'{k}={assets_dir() / k}' for k in SHIPPED_DIFFUSION if (assets_dir() / k).exists()]
+    from diffsr_kit.zoo import shipped
+    specs = a.ckpt or [f'{m.folder}={m.path()}' for m in shipped('bench_sample') if m.path().exists()]
     if not specs: raise FileNotFoundError(f"No diffusion checkpoint in {assets_dir()}; pass --ckpt runs/NAME (train one with "
                                           "diffsr train --config configs/tiny_sr3_x4.yaml).")
     tasks = {}
@@ -424,6 +410,7 @@ def _median_row(rows: list[dict]) -> dict:
 @_bench_train_args.runner
 def _bench_train(a) -> int:
     from diffsr_kit.bench import bench_train, format_table
+    from diffsr_kit.train import load_run_config
     paths = a.config or sorted(str(p) for p in Path('configs').glob('tiny_*.yaml') if not p.stem.endswith('_binder'))
     if not paths: raise FileNotFoundError("No configs/tiny_*.yaml here; run from the repository root or pass --config FILE.")
     extra = list(a.overrides) + ([f'run.device={a.device}'] if a.device else [])

@@ -15,7 +15,8 @@ from PIL import Image
 # %% auto #0
 __all__ = ['FAST', 'STEP_HOOK', 'OVERSHOOT', 'is_fast', 'available_devices', 'get_device', 'bf16_supported', 'seed_everything',
            'make_generator', 'step_done', 'to_float01', 'normalize01', 'to_rgb', 'to_grey', 'img2tensor', 'to_model',
-           'from_model', 'tensor2uint8', 'tensor2pil', 'show_images', 'atomic_write', 'atomic_write_text']
+           'from_model', 'tensor2uint8', 'tensor2pil', 'show_images', 'atomic_write', 'atomic_write_text', 'repo_root',
+           'assets_dir']
 
 # %% ../nbs/api/00_core.ipynb #5d2e0a8d
 def is_fast(env: dict | None = None) -> bool:
@@ -220,3 +221,20 @@ def atomic_write(path: str | Path, # final file path
 def atomic_write_text(path: str | Path, text: str) -> Path:
     "Atomically write `text` (UTF-8) to `path`."
     return atomic_write(path, lambda p: Path(p).write_text(text, encoding='utf-8'))
+
+# %% ../nbs/api/00_core.ipynb #b65d2fcb
+def _checkout() -> Path:
+    "The folder that holds the installed package (a source checkout's root)."
+    import diffsr_kit
+    return Path(diffsr_kit.__file__).resolve().parents[1]
+
+def repo_root() -> Path:
+    "The folder with configs/ and assets/: the current one if it has configs/, else the source checkout beside the package."
+    cwd = Path.cwd()
+    return cwd if (cwd / 'configs').is_dir() else _checkout()
+
+def assets_dir() -> Path:
+    "Where shipped checkpoints live: `DIFFSR_ASSETS`, else `assets/` beside the package (a source checkout)."
+    env = os.environ.get('DIFFSR_ASSETS')
+    return Path(env) if env else _checkout() / 'assets'
+

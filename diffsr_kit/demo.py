@@ -13,16 +13,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .core import tensor2uint8, atomic_write, STEP_HOOK
+from .core import tensor2uint8, atomic_write, STEP_HOOK, assets_dir
+from .zoo import shipped
 from .data import PIL_MODES, get_info, list_images, load_image, read_image
 from .degrade import DegradeConfig, degrade, describe, resize
 from .metrics import lr_psnr, pixel_std_map, psnr, ssim
 
 # %% auto #0
-__all__ = ['MODELS', 'SHIPPED', 'ACCEPTED_FORMATS', 'MODE_NOTES', 'DEEP_COLOUR_NOTE', 'EXIF_ORIENTATIONS', 'DEGRADATIONS',
-           'DEFAULT_MODELS', 'OUTPUT_MAX_AGE_S', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS', 'SRModel',
-           'bicubic_upsample', 'bicubic_model', 'register_model', 'models_available', 'assets_dir', 'checkpoint_model',
-           'register_shipped', 'DemoCancelled', 'DemoInputError', 'read_upload', 'DemoConfig', 'UpscaleResult',
+__all__ = ['MODELS', 'ACCEPTED_FORMATS', 'MODE_NOTES', 'DEEP_COLOUR_NOTE', 'EXIF_ORIENTATIONS', 'DEGRADATIONS',
+           'OUTPUT_MAX_AGE_S', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS', 'SRModel', 'bicubic_upsample',
+           'bicubic_model', 'register_model', 'models_available', 'checkpoint_model', 'register_shipped',
+           'DemoCancelled', 'DemoInputError', 'read_upload', 'DemoConfig', 'UpscaleResult', 'default_models',
            'default_model', 'output_root', 'clean_outputs', 'write_outputs', 'upscale', 'make_demo',
            'detect_environment', 'host_warning', 'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args',
            'demo_cli_run']
@@ -73,6 +74,7 @@ _LOADED: dict = {}  # (name, loader) -> SRModel, filled by models_available
 def models_available(registry: dict | None = None, # name -> loader; default: MODELS
                     ) -> tuple[dict[str, SRModel], dict[str, str]]:
     "Load every registered model: (usable models by name, reasons for those whose files are missing)."
+    if registry is None: register_shipped()  # models declared in the zoo after this module was imported
     ok, missing = {}, {}
     for name, loader in (MODELS if registry is None else registry).items():
         key = (name, loader)
@@ -88,12 +90,6 @@ def models_available(registry: dict | None = None, # name -> loader; default: MO
     return ok, missing
 
 # %% ../nbs/api/52_demo.ipynb #ac689aef
-def assets_dir() -> Path:
-    "Where shipped checkpoints live: `DIFFSR_ASSETS`, else `assets/` beside the package (a source checkout)."
-    import diffsr_kit
-    env = os.environ.get('DIFFSR_ASSETS')
-    return Path(env) if env else Path(diffsr_kit.__file__).resolve().parents[1] / 'assets'
-
 def _chain_frames(task, traj: dict, lr: torch.Tensor, k: int = 8) -> list:
     "Up to `k` evenly spaced HR estimates (C,H,W) in [0,1] of the first sample's trajectory."
     from diffsr_kit.core import from_model
@@ -111,26 +107,25 @@ def checkpoint_model(path, # a checkpoint folder (shipped asset or run)
     try: task = load_task(path)
     except FileNotFoundError as e:  # paths relative to the checkout: the page never shows this machine's folders
         raise FileNotFoundError(str(e).replace(f'{assets_dir().parent}{os.sep}', '')) from None
-    diffusion = hasattr(task, 'diffusion')
-    samplers = {'ddim': task.cfg.sample.steps, 'ddpm': task.cfg.diffusion.T} if diffusion else {}
+    samplers = {s: task.default_steps(s) for s in sorted(task.samplers, key=('ddim', 'ddpm').index)}  # DDIM first: the default
     def run(lr, sampler=None, steps=None, seed=0, n_samples=1, progress=None):
         x = to_model(lr).to(task.device).repeat(n_samples, 1, 1, 1)   # one generator, a different noise per row
-        kw = dict(sampler=sampler or None, steps=steps or None) if diffusion else {}
+        kw = dict(sampler=sampler or None, steps=steps or None) if task.samplers else {}
         sr, traj = task.predict(x, seed=seed, return_trajectory=True, **kw)
         return dict(sr=from_model(sr).float().cpu(), trajectory=_chain_frames(task, traj, x) if traj else [])
     meta = json.loads((Path(path) / 'meta.json').read_text()) if (Path(path) / 'meta.json').exists() else {}
     note = f"{task.name} x{task.cfg.data.scale}, trained {meta.get('step', '?')} steps on the bundled train split"
     return SRModel(name or Path(path).name, task.cfg.data.scale, samplers, run, note)
 
-SHIPPED = {'regression-x4': 'tiny_regression_x4', 'sr3-x4': 'tiny_sr3_x4', 'sr4-x4': 'tiny_sr4_x4',
-           'vae-ddpm-x4': 'tiny_vae_ddpm_x4', 'vqvae-ddpm-x4': 'tiny_vqvae_ddpm_x4', 'srddgan-x4': 'tiny_srddgan_x4',
-           'cg-dpm-x4': 'tiny_cgdpm_x4', 'lddpm-x4': 'tiny_lddpm_x4'}  # UI name -> assets/ folder
+_SHIPPED_LOADERS: dict = {}  # (zoo key, folder) -> loader: one loader per checkpoint, so `models_available` loads it once
 
 def register_shipped(registry: dict | None = None) -> list[str]:
-    "Register every shipped checkpoint of `SHIPPED` (lazily: a missing folder is reported, not raised)."
-    for name, folder in SHIPPED.items():
-        register_model(name, functools.partial(checkpoint_model, assets_dir() / folder, name), registry)
-    return list(SHIPPED)
+    "Register every checkpoint `zoo` declares for the demo (lazily: a missing folder is reported when loaded, not raised)."
+    for m in shipped('demo'):
+        key = (m.key, m.path())
+        if key not in _SHIPPED_LOADERS: _SHIPPED_LOADERS[key] = functools.partial(checkpoint_model, m.path(), m.key)
+        register_model(m.key, _SHIPPED_LOADERS[key], registry)
+    return [m.key for m in shipped('demo')]
 
 register_shipped()
 
@@ -274,12 +269,14 @@ def _as_int(v, name: str, lo: int, hi: int) -> int:
         raise DemoInputError('option', f"{name}={v!r}: use a whole number from {lo} to {hi}.")
     return i
 
-DEFAULT_MODELS = ('sr4-x4', 'sr3-x4', 'regression-x4')  # preferred default when available: a trained diffusion model, not bicubic
+def default_models() -> list[str]:
+    "The zoo's preselection order (`demo_rank`): a trained diffusion model first, never bicubic when one is usable."
+    return [m.key for m in sorted((m for m in shipped('demo') if m.demo_rank is not None), key=lambda m: m.demo_rank)]
 
 def default_model(models: dict, scale: int) -> str | None:
-    "The name shown first for `scale`: the first of DEFAULT_MODELS that is usable here, else the first model of that scale."
+    "The name shown first for `scale`: the first of `default_models()` that is usable here, else the first model of that scale."
     fit = [n for n, m in models.items() if m.scale == scale]
-    return next((n for n in DEFAULT_MODELS if n in fit), fit[0] if fit else None)
+    return next((n for n in default_models() if n in fit), fit[0] if fit else None)
 
 def _pick_model(models: dict, missing: dict, name, scale: int) -> SRModel:
     "The model called `name` (checked against `scale`), or `default_model` for that scale when name is empty."

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, load_config
-from .core import make_generator, step_done
+from .core import make_generator
 from .diffusion import PARAMETERISATIONS, upsample_lr
-from .schedules import Schedule, SCHEDULES, get_schedule
-from .losses import GAN_LOSSES, LazyR1, PerceptualConfig, PerceptualLoss, LDDPM_VGG_LAYERS, VGG_MODES
+from .schedules import Schedule, time_input
+from .losses import PerceptualConfig, PerceptualLoss, LDDPM_VGG_LAYERS
 from .models.unet import UNet, UNetConfig
 from .models.ddgan import Discriminator, DiscConfig
 from .models.cvae import LDDPMConditioner, LDDPMCondConfig
-from .srddgan import SRDDGANTask, posterior_step, _time_input, check_posterior_chain
+from .srddgan import ChainGANConfig, DiffusionGANTask, check_posterior_chain
 from .train import Task, register_task, DataConfig, OptimConfig, SampleConfig
-from .tasks import SRConfig, DDPMTask, residual_base
+from .tasks import SRConfig, DDPMTask
 
 # %% auto #0
 __all__ = ['PERCEPTUAL_TARGETS', 'ABLATION_ROWS', 'LDDPMSettings', 'LDDPMConfig', 'shared_noise_fake', 'lr_multiple',
@@ -29,12 +29,9 @@ __all__ = ['PERCEPTUAL_TARGETS', 'ABLATION_ROWS', 'LDDPMSettings', 'LDDPMConfig'
 
 # %% ../nbs/api/34_lddpm.ipynb #79ed248a
 @dataclass
-class LDDPMSettings:
-    "The few-step chain, the weights of eq. 18 and the switches of Tables 7-8 (LDDPM sec. 3.2-3.5)."
-    T: int = 4                  # GAN-denoising steps: LDDPM gives none for this chain (Table 1: 1000); 4 as ref. [35] / SRDDGAN
-    schedule: str = 'vp'        # key of schedules.SCHEDULES for the T steps (not in LDDPM; DDGAN's discretised VP)
+class LDDPMSettings(ChainGANConfig):
+    "The few-step chain, the weights of eq. 18 and the switches of Tables 7-8 (LDDPM sec. 3.2-3.5); the chain block is srddgan's."
     param: str = 'eps'          # what the U-Net outputs, key of diffusion.PARAMETERISATIONS: 'eps' = eq. 6-7, 14, 16
-    residual: bool = False      # chain on HR - Up(LR) instead of HR (LDDPM diffuses the HR image Y itself)
     clip_x0: bool = True        # sampling only: clamp x0' to the chain's range before each posterior step
     w_ddpm: float = 1.0         # weight of L_DDPM = ||eps - eps_theta||^2 (eq. 7; eq. 18: 1)
     w_kl: float = 1.0           # weight of D_KL(P(Z|C) || Q(Z)) (eq. 11; eq. 18: 1); needs cond.cvae
@@ -47,11 +44,8 @@ class LDDPMSettings:
     use_content: bool = True    # Table 8 '+CL': content loss, eq. 16 (VGG term + L1 term)
     use_style: bool = True      # Table 8 '+SL': style loss, eq. 17
     perceptual_on: str = 'x_prev'  # key of PERCEPTUAL_TARGETS: what the VGG terms of eq. 16-17 compare
-    vgg: str = 'pretrained'     # VGG-19 of eq. 16-17: 'pretrained' (hub cache) | 'random' (tests, labelled runs only)
-    gan_loss: str = 'ns'        # key of losses.GAN_LOSSES: 'ns' = eq. 13 for D, non-saturating -log D for G
-    r1_gamma: float = 0.05      # R1 weight on real x_{t-1} (not in LDDPM; srddgan's); 0 disables
-    r1_every: int = 1           # lazy R1: applied every k-th step, multiplied by k
-    d_lr_mult: float = 1.0      # D's learning rate / G's (LDDPM gives one learning rate, Table 1)
+    # inherited (srddgan.ChainGANConfig): T, schedule, residual, vgg, gan_loss, r1_gamma, r1_every, d_lr_mult (LDDPM gives
+    # one learning rate, Table 1: d_lr_mult 1)
 
 _PAPER_UNET = dict(base_ch=64, ch_mult=(1, 2, 4, 8, 8), n_res=2, attn_res=(16,), dropout=0.2, image_size=256,
                    cond='concat', cond_ch=3, ctx_ch=512, z_dim=256)  # LDDPM Table 1; ctx_ch = middle width 64*8 (eq. 8)
@@ -94,12 +88,9 @@ def lr_multiple(cfg: LDDPMConfig) -> int:
 def check_lddpm_config(cfg: LDDPMConfig) -> LDDPMConfig:
     "Raise a ConfigError naming the key and the fix when the sections do not fit together."
     L, m, c, d, ch = cfg.lddpm, cfg.model, cfg.cond, cfg.disc, cfg.data.channels
-    for key, reg in (('schedule', SCHEDULES), ('param', PARAMETERISATIONS), ('gan_loss', GAN_LOSSES),
-                     ('perceptual_on', PERCEPTUAL_TARGETS)):
+    check_posterior_chain(cfg, 'lddpm', 'LDDPM samples the GAN posterior ancestrally (eq. 15)', disc=L.use_gan)
+    for key, reg in (('param', PARAMETERISATIONS), ('perceptual_on', PERCEPTUAL_TARGETS)):
         if getattr(L, key) not in reg: raise ConfigError(f"Unknown lddpm.{key} '{getattr(L, key)}'; available: {sorted(reg)}.")
-    if L.vgg not in VGG_MODES: raise ConfigError(f"Unknown lddpm.vgg '{L.vgg}'; use one of {list(VGG_MODES)}.")
-    if L.T < 1: raise ConfigError(f"lddpm.T={L.T}; use a positive number of steps (here: 4).")
-    if L.r1_every < 1: raise ConfigError(f"lddpm.r1_every={L.r1_every}; use 1 (every step) or more.")
     neg = [k for k in ('w_ddpm', 'w_kl', 'w_adv', 'w_content', 'w_pixel', 'w_style', 'w_flow', 'r1_gamma', 'd_lr_mult')
            if getattr(L, k) < 0]
     if neg: raise ConfigError(f"lddpm.{neg[0]}={getattr(L, neg[0])}; loss weights must be >= 0 (0 drops the term).")
@@ -120,10 +111,6 @@ def check_lddpm_config(cfg: LDDPMConfig) -> LDDPMConfig:
     if (c.scale, c.in_ch) != (cfg.data.scale, ch):
         raise ConfigError(f"cond.scale={c.scale}, cond.in_ch={c.in_ch} must equal data.scale={cfg.data.scale}, "
                           f"data.channels={ch}; set cond.scale={cfg.data.scale} cond.in_ch={ch}.")
-    check_posterior_chain(cfg, L.T, 'lddpm.T', 'LDDPM samples the GAN posterior ancestrally (eq. 15)', disc=L.use_gan)
-    if cfg.regressor and not L.residual:
-        raise ConfigError(f"regressor={cfg.regressor!r} needs lddpm.residual=true (the chain runs on HR - regressor(LR)); "
-                          "set it, or set regressor='' for Up(LR) or the paper's chain on HR.")
     p, s, k = cfg.data.patch, cfg.data.scale, lr_multiple(cfg)
     if p % s or (p // s) % k:
         raise ConfigError(f"data.patch={p} gives LR patches of {p / s:g} pixels, which must be whole and a multiple of {k} "
@@ -135,23 +122,19 @@ def check_lddpm_config(cfg: LDDPMConfig) -> LDDPMConfig:
 
 # %% ../nbs/api/34_lddpm.ipynb #6e4360ff
 @register_task('lddpm')
-class LDDPMTask(Task):
+class LDDPMTask(DiffusionGANTask):
     "LDDPM: conditioner (tau_theta, CVAE, Glow) + U-Net with cross-attention as G, D(x_{t-1}, x_t, t); eq. 7-18."
     config_cls = LDDPMConfig
-    _z, _fake, _D, chain_shape = SRDDGANTask._z, SRDDGANTask._fake, SRDDGANTask._D, SRDDGANTask.chain_shape
-    _d_phase = SRDDGANTask._d_phase
+    chain_key = 'lddpm'
 
     def __init__(self, cfg: LDDPMConfig, device, pretrained: bool = True):
         super().__init__(cfg, device, pretrained)
         check_lddpm_config(cfg)
-        L = cfg.lddpm
-        self.schedule = get_schedule(L.schedule, L.T).to(device)
+        self._build_chain(device)
         self.modules = {'generator': UNet(cfg.model).to(device)}
         if cfg.cond.attention: self.modules['conditioner'] = LDDPMConditioner(cfg.cond).to(device)
-        if L.use_gan: self.modules['discriminator'] = Discriminator(cfg.disc).to(device)
+        if cfg.lddpm.use_gan: self.modules['discriminator'] = Discriminator(cfg.disc).to(device)
         if cfg.regressor: self.modules['regressor'] = DDPMTask._regressor(cfg, device, pretrained)  # frozen
-        self.gan_loss, self.r1 = GAN_LOSSES[L.gan_loss], LazyR1(L.r1_gamma, L.r1_every)
-        self._perceptual = None
         if pretrained: self.perceptual  # builds VGG-19 now: fails early when its weights are missing
 
     @property
@@ -172,29 +155,6 @@ class LDDPMTask(Task):
             self._perceptual = PerceptualLoss(pc).to(self.device)
         return self._perceptual
 
-    def param_groups(self) -> dict[str, list]:
-        "'d' (the discriminator, with use_gan) steps first, then 'g': U-Net and conditioner together."
-        g = [p for k, m in self.modules.items() if k != 'discriminator' for p in m.parameters() if p.requires_grad]
-        d = {'d': list(self.modules['discriminator'].parameters())} if 'discriminator' in self.modules else {}
-        return {**d, 'g': g}
-
-    def lr_mult(self, phase: str) -> float:
-        "D learns `lddpm.d_lr_mult` times as fast as G."
-        return self.cfg.lddpm.d_lr_mult if phase == 'd' else 1.0
-
-    # ---- the pieces shared by loss and predict
-    def to_chain(self, hr, lr) -> torch.Tensor:
-        "The chain's clean sample x0: HR, or with lddpm.residual HR - Up(LR) (HR - regressor(LR) when the run names a `regressor`)."
-        return hr - residual_base(self.modules, lr, self.cfg.data.scale) if self.cfg.lddpm.residual else hr
-
-    def to_image(self, x0, lr, modules=None) -> torch.Tensor:
-        "A chain-space x0 (or x0') as an image in model range, unclamped."
-        return x0 + residual_base(modules or self.modules, lr, self.cfg.data.scale) if self.cfg.lddpm.residual else x0
-
-    def decode_chain(self, y, lr, modules=None) -> torch.Tensor:
-        "From a chain sample to the SR image in [-1, 1]."
-        return self.to_image(y, lr, modules).clamp(-1, 1)
-
     def condition(self, lr, hr=None, modules=None, generator=None, temperature: float = 1.0) -> tuple[tuple, dict]:
         "((lr, ctx), aux): ctx tokens of tau_theta / CVAE / Glow (eq. 8-12; None without attention), aux = {kl, flow_nll}."
         mods = modules or self.modules
@@ -205,7 +165,7 @@ class LDDPMTask(Task):
     def generate(self, G, xt, t, cond, z) -> torch.Tensor:
         "x0' from the U-Net's output (eps_theta by default, eq. 16's Y_hat), in chain space."
         lr, ctx = cond
-        out = G(xt, _time_input(self.cfg.model.time, self.schedule, t), lr=lr, z=z, ctx=ctx)
+        out = G(xt, time_input(self.schedule, t, self.cfg.model.time), lr=lr, z=z, ctx=ctx)
         return PARAMETERISATIONS[self.cfg.lddpm.param].to_x0_eps(self.schedule, out, xt, t)[0]
 
     def loss(self, phase, batch, step):
@@ -246,8 +206,7 @@ class LDDPMTask(Task):
     def predict(self, lr, seed=0, modules=None, steps=None, return_trajectory=False, sampler=None, z=None,
                 temperature: float = 1.0, progress=False):
         "x_T ~ N(0, I), z and the CVAE's Z from the seed, then `steps` (default sample.steps) posterior steps (eq. 15)."
-        if sampler not in (None, 'ddpm'):
-            raise ValueError(f"sampler={sampler!r}: LDDPM samples the GAN posterior ancestrally (eq. 15); pass sampler=None or 'ddpm'.")
+        self._check_sampler(sampler, 'LDDPM samples the GAN posterior ancestrally (eq. 15)')
         if lr.ndim != 4 or lr.shape[1] != self.cfg.data.channels:
             raise ValueError(f"lr must be (N, {self.cfg.data.channels}, h, w) in [-1, 1], got shape {tuple(lr.shape)}.")
         mods = modules or self.eval_modules
@@ -257,26 +216,21 @@ class LDDPMTask(Task):
         if z is not None and (not zd or tuple(z.shape) != (n, zd)):
             raise ValueError(f"z must be (N={n}, model.z_dim={zd}), got {tuple(z.shape)}" +
                              ("; this model has no generator latent (model.z_dim=0): pass z=None." if not zd else "."))
-        s = self.schedule if S == T else self.schedule.respace(S, 'trailing')  # 'trailing' keeps step T
         lrp, (h, w) = self._pad(lr)
         gen = make_generator(seed, lr.device)
         y = torch.randn(self.chain_shape(lrp), generator=gen, device=lr.device)
         if z is None: z = self._z(n, lr.device, gen)               # eq. 15: one Z ~ N(0, I) per image
         cond, _ = self.condition(lrp, None, mods, gen, temperature)  # CVAE Z from its prior (sec. 3.3)
         lim = 2.0 if self.cfg.lddpm.residual else 1.0
+        def x0_fn(xt, t):
+            x0 = self.generate(mods['generator'], xt, t, cond, z)
+            return x0.clamp(-lim, lim) if self.cfg.lddpm.clip_x0 else x0
+        res = self._walk(y, x0_fn, S, gen, return_trajectory, progress)
+        y, traj = res if return_trajectory else (res, None)
         H, W = h * self.cfg.data.scale, w * self.cfg.data.scale
-        traj = dict(xt=[y[..., :H, :W].cpu()], pred_x0=[], t=[]) if return_trajectory else None
-        for i in range(S - 1, -1, -1):
-            t = s.timesteps[i].to(lr.device).expand(n)  # the parent step the U-Net was trained at
-            x0 = self.generate(mods['generator'], y, t, cond, z)
-            if self.cfg.lddpm.clip_x0: x0 = x0.clamp(-lim, lim)
-            y, x0 = posterior_step(s, x0, y, i, generator=gen)
-            if traj is not None:
-                traj['xt'].append(y[..., :H, :W].cpu()); traj['pred_x0'].append(x0[..., :H, :W].cpu()); traj['t'].append(int(t[0]))
-            step_done(S - i, S)
         sr = self.decode_chain(y, lrp, mods)[..., :H, :W]
         if not return_trajectory: return sr
-        return sr, dict(xt=torch.stack(traj['xt']), pred_x0=torch.stack(traj['pred_x0']), t=torch.tensor(traj['t']))
+        return sr, {**traj, 'xt': traj['xt'][..., :H, :W], 'pred_x0': traj['pred_x0'][..., :H, :W]}
 
 # %% ../nbs/api/34_lddpm.ipynb #608df347
 _NO_COND = ('cond.attention=false', 'cond.cvae=false', 'cond.glow=false', 'model.ctx_ch=0')

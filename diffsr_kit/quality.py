@@ -4,7 +4,8 @@
 
 # %% ../nbs/api/42_quality.ipynb #e9037fc3
 from __future__ import annotations
-import csv, html, inspect, io, json, os, time, warnings
+import csv, html, io, json, os, time, warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -12,7 +13,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .core import to_model, from_model, get_device
+from .core import to_model, from_model, get_device, assets_dir
+from .zoo import quality_rows
 from .degrade import DegradeConfig, degrade
 from .bench import held_out_crops, bicubic_sr, device_name
 from .metrics import (ConventionCard, LPIPSMetric, MissingWeightsError, bicubic_degrade_fn, count_params,
@@ -21,9 +23,9 @@ from .metrics import (ConventionCard, LPIPSMetric, MissingWeightsError, bicubic_
 # %% auto #0
 __all__ = ['PROTOCOL', 'INFERENCE_EXCLUDED', 'QUALITY_METHODS', 'QUALITY_COLUMNS', 'QUALITY_HEADERS', 'QualityProtocol',
            'quantise8', 'protocol_lr', 'quality_images', 'Predictor', 'inference_params', 'load_bicubic',
-           'load_checkpoint', 'QualityMethod', 'select_methods', 'method_status', 'lpips_or_reason', 'MethodResult',
-           'run_methods', 'quality_card', 'format_quality_table', 'card_html', 'bench_quality', 'quality_markdown',
-           'write_quality']
+           'load_checkpoint', 'QualityMethod', 'quality_methods', 'select_methods', 'method_status', 'lpips_or_reason',
+           'MethodResult', 'run_methods', 'quality_card', 'format_quality_table', 'card_html', 'bench_quality',
+           'quality_markdown', 'write_quality']
 
 # %% ../nbs/api/42_quality.ipynb #44d489a2
 @dataclass(frozen=True)
@@ -108,11 +110,9 @@ def load_checkpoint(folder: Path, # a checkpoint folder (assets/<name> or a run)
     task = load_task(folder, device)
     if task.cfg.data.scale != scale:
         raise ValueError(f"{folder} is a x{task.cfg.data.scale} model but the protocol is x{scale}; pass a x{scale} checkpoint.")
-    takes_progress = 'progress' in inspect.signature(task.predict).parameters
     def predict(lr, seed=0, sampler=None, steps=None, progress=False):
         kw = {k: v for k, v in dict(sampler=sampler, steps=steps).items() if v is not None}
-        if takes_progress: kw['progress'] = progress
-        return task.predict(lr.to(task.device), seed=seed, **kw)
+        return task.predict(lr.to(task.device), seed=seed, progress=progress, **kw)  # every Task.predict takes progress
     return Predictor(predict, inference_params(task), task.device)
 
 @dataclass(frozen=True)
@@ -124,18 +124,18 @@ class QualityMethod:
     sampler: str | None = None   # sampler passed to predict (None: the model's own)
     steps: int | None = None     # steps passed to predict, and the Steps column (None: not iterative)
 
-QUALITY_METHODS: dict[str, QualityMethod] = {
-    'bicubic': QualityMethod('Bicubic', load_bicubic),
-    'regression': QualityMethod('Regression (U-Net, L1)', load_checkpoint, 'tiny_regression_x4', None, 1),
-    'sr3-ddpm': QualityMethod('SR3 (DDPM)', load_checkpoint, 'tiny_sr3_x4', 'ddpm', 1000),  # the full chain
-    'sr3-ddim': QualityMethod('SR3 (DDIM)', load_checkpoint, 'tiny_sr3_x4', 'ddim', 50),
-    'sr4': QualityMethod('SR4 (DDIM)', load_checkpoint, 'tiny_sr4_x4', 'ddim', 50),
-    'vae-ddpm': QualityMethod('VAE-DDPM (DDIM)', load_checkpoint, 'tiny_vae_ddpm_x4', 'ddim', 50),
-    'vqvae-ddpm': QualityMethod('VQVAE-DDPM (DDIM)', load_checkpoint, 'tiny_vqvae_ddpm_x4', 'ddim', 50),
-    'srddgan': QualityMethod('SRDDGAN', load_checkpoint, 'tiny_srddgan_x4', None, 4),
-    'cgdpm': QualityMethod('CG-DPM (SR3 + guide, DDIM)', load_checkpoint, 'tiny_cgdpm_x4', 'ddim', 50),
-    'lddpm': QualityMethod('LDDPM', load_checkpoint, 'tiny_lddpm_x4', None, 4),
-}
+def quality_methods() -> dict[str, QualityMethod]:
+    "The table's rows, read from the zoo's declarations now (a checkpoint's rows load it; bicubic needs none)."
+    return {k: QualityMethod(r.label, load_bicubic if m.folder is None else load_checkpoint, m.folder, r.sampler, r.steps)
+            for k, (m, r) in quality_rows().items()}
+
+class _ZooRows(Mapping):
+    "A read-only view of `quality_methods()` that follows the zoo (a model declared later appears too)."
+    def __getitem__(self, key): return quality_methods()[key]
+    def __iter__(self): return iter(quality_methods())
+    def __len__(self): return len(quality_methods())
+
+QUALITY_METHODS: Mapping[str, QualityMethod] = _ZooRows()
 
 # %% ../nbs/api/42_quality.ipynb #ca43b673
 def select_methods(methods: str | list | dict | None = None, # 'a,b', a list of keys, {key: QualityMethod}, or None (all)
@@ -192,7 +192,7 @@ def run_methods(hr: torch.Tensor, # (N,3,H,W) HR images in [0, 1] (8-bit levels)
                 card: ConventionCard, # its colour space and crop are used; skipped rows are added to its notes
                 protocol: QualityProtocol = PROTOCOL,
                 lpips_metric: LPIPSMetric | None = None, # None: the lpips list is None
-                assets: str | Path | None = None, # checkpoint root; None: demo.assets_dir()
+                assets: str | Path | None = None, # checkpoint root; None: core.assets_dir()
                 device=None, # where models run; None: best available
                 batch: int = 8, # images per predict call
                 progress: bool = True, # tqdm bars (off when TQDM_DISABLE is set)
@@ -200,7 +200,6 @@ def run_methods(hr: torch.Tensor, # (N,3,H,W) HR images in [0, 1] (8-bit levels)
     "Run each available method on the protocol's LR images of `hr` and measure it; skipped ones go to `card.notes`."
     import os
     from tqdm.auto import tqdm
-    from diffsr_kit.demo import assets_dir
     assets = Path(assets) if assets is not None else assets_dir()
     lr = protocol_lr(hr, protocol)
     progress = progress and not os.environ.get('TQDM_DISABLE')
@@ -291,7 +290,7 @@ def bench_quality(data: str | Path | None = None, # folder of HR images (PNG/JPE
                   max_images: int | None = None, # use only the first n images
                   batch: int = 8, # images per predict call
                   device=None, # where models run; None: best available
-                  assets: str | Path | None = None, # checkpoint root; None: demo.assets_dir()
+                  assets: str | Path | None = None, # checkpoint root; None: core.assets_dir()
                   progress: bool = True, # tqdm bars
                   command: str = '', # the command line, recorded in quality.md
                  ) -> dict:

@@ -118,9 +118,9 @@ def _start(shape, x_T, seed, generator, device):
     if x_T is None: x_T = torch.randn(tuple(shape), generator=generator, device=dev)
     return x_T.clone(), generator
 
-def _setup(diffusion, steps, spacing, var_type, clip_x0, device):
-    "(schedule the loop walks, step kwargs): the Diffusion's choices, respaced to `steps` if asked."
-    s, param, var_type, clip = _resolve(diffusion, None, var_type, clip_x0, device)
+def _setup(diffusion, steps, spacing, param, var_type, clip_x0, device):
+    "(schedule the loop walks, step kwargs): the Diffusion's choices (or the overrides), respaced to `steps` if asked."
+    s, param, var_type, clip = _resolve(diffusion, param, var_type, clip_x0, device)
     if steps is not None and int(steps) != s.T: s = s.respace(int(steps), spacing)
     return s, dict(param=param, var_type=var_type, clip_x0=clip)
 
@@ -138,15 +138,16 @@ def ddpm_sample(model_fn: Callable, # model_fn(xt, t) -> output; t: (N,) long pa
                 generator: torch.Generator | None = None, # or pass one (overrides seed)
                 x_T: torch.Tensor | None = None, # start from this noise instead of drawing it
                 device: str | torch.device | None = None, # where to sample when neither x_T nor generator says
+                param: str | None = None, # what model_fn returns: 'eps' | 'x0' | 'v'; None: the Diffusion's / 'eps'
                 var_type: str | None = None, clip_x0: bool | None = None, # overrides of the Diffusion's choices
                 guidance: Callable | None = None, guidance_scale: float = 1.0, # CG-DPM eq. 13 hook
                 spacing: str = 'linspace', # schedules.SPACINGS key used when steps < T
                 return_trajectory: bool = False, # also return dict(xt=(S+1, N, ...), pred_x0=(S, N, ...), t=(S,))
                 progress: bool = True, # tqdm bar (also off when TQDM_DISABLE is set)
                ):
-    "Ancestral DDPM sampling from x_T ~ N(0, I) down to x0 (thesis eq. 3.15; SR4 eq. 7)."
+    "Ancestral DDPM sampling from x_T ~ N(0, I) down to x0 (thesis eq. 3.15; SR4 eq. 7; SRDDGAN Algorithm 2 with param='x0')."
     x, gen = _start(shape, x_T, seed, generator, device)
-    s, kw = _setup(diffusion, steps, spacing, var_type, clip_x0, x.device)
+    s, kw = _setup(diffusion, steps, spacing, param, var_type, clip_x0, x.device)
     traj = dict(xt=[x.cpu()], pred_x0=[], t=[]) if return_trajectory else None
     for i in tqdm(range(s.T - 1, -1, -1), desc='DDPM', disable=_progress_off(progress), leave=False):
         t_model = s.timesteps[i].to(x.device).expand(x.shape[0])
@@ -166,6 +167,7 @@ def ddim_sample(model_fn: Callable, # model_fn(xt, t) -> output; t: (N,) long pa
                 generator: torch.Generator | None = None, # or pass one (overrides seed)
                 x_T: torch.Tensor | None = None, # start from this noise instead of drawing it
                 device: str | torch.device | None = None, # where to sample when neither x_T nor generator says
+                param: str | None = None, # what model_fn returns: 'eps' | 'x0' | 'v'; None: the Diffusion's / 'eps'
                 clip_x0: bool | None = None, # override of the Diffusion's choice
                 guidance: Callable | None = None, guidance_scale: float = 1.0, # CG-DPM eq. 14-15 hook
                 spacing: str = 'linspace', # schedules.SPACINGS key: which k of the T steps are kept
@@ -174,7 +176,7 @@ def ddim_sample(model_fn: Callable, # model_fn(xt, t) -> output; t: (N,) long pa
                ):
     "DDIM sampling on k respaced steps (Song et al.; CG-DPM eq. 15 when guided)."
     x, gen = _start(shape, x_T, seed, generator, device)
-    s, kw = _setup(diffusion, steps, spacing, None, clip_x0, x.device)
+    s, kw = _setup(diffusion, steps, spacing, param, None, clip_x0, x.device)
     kw.pop('var_type')
     traj = dict(xt=[x.cpu()], pred_x0=[], t=[]) if return_trajectory else None
     for i in tqdm(range(s.T - 1, -1, -1), desc=f'DDIM eta={eta:g}', disable=_progress_off(progress), leave=False):

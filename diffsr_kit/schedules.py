@@ -13,8 +13,9 @@ import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'SPACINGS', 'linear_betas', 'sr3_linear_betas', 'quadratic_betas', 'sigmoid_betas', 'betas_from_abar',
-           'cosine_abar', 'cosine_betas', 'vp_abar', 'vp_betas', 'BetaSchedule', 'extract', 'Schedule', 'get_schedule']
+__all__ = ['SCHEDULES', 'SPACINGS', 'TIME_INPUTS', 'linear_betas', 'sr3_linear_betas', 'quadratic_betas', 'sigmoid_betas',
+           'betas_from_abar', 'cosine_abar', 'cosine_betas', 'vp_abar', 'vp_betas', 'BetaSchedule', 'extract',
+           'Schedule', 'get_schedule', 'time_input']
 
 # %% ../nbs/api/03_schedules.ipynb #7a182d5b
 def linear_betas(T: int, # number of diffusion steps
@@ -297,3 +298,17 @@ def q_sample_gamma(self: Schedule, x0: torch.Tensor, # (B, ...) clean data
     eps = _noise_like(x0, generator) if eps is None else eps
     g = gamma.to(device=x0.device, dtype=torch.float64).reshape(-1, *([1] * (x0.ndim - 1)))
     return g.sqrt().to(x0.dtype) * x0 + (1 - g).sqrt().to(x0.dtype) * eps
+
+# %% ../nbs/api/03_schedules.ipynb #cde8cb10
+TIME_INPUTS: dict[str, Callable] = {  # models' time input -> fn(schedule, t) of the parent step index t
+    'int': lambda s, t: t,                                   # the index itself
+    'gamma': lambda s, t: s.sqrt_abar.to(t.device)[t],       # SR3's noise level sqrt(abar_t) (SR4 eq. 1-2)
+}
+
+def time_input(schedule: Schedule, # the parent schedule the network was trained on
+               t: torch.Tensor, # (N,) long parent step index (a respaced chain's `timesteps[i]`)
+               kind: str = 'int', # key of TIME_INPUTS: the network's `time` setting
+              ) -> torch.Tensor:
+    "What a network is fed for step t: the index ('int') or the noise level sqrt(abar_t) ('gamma')."
+    if kind not in TIME_INPUTS: raise ValueError(f"Unknown time input {kind!r}; use one of {list(TIME_INPUTS)}.")
+    return TIME_INPUTS[kind](schedule, t)

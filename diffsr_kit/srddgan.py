@@ -9,37 +9,42 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ConfigError
-from .core import make_generator, from_model, step_done
+from .core import make_generator, from_model
 from .diffusion import upsample_lr
-from .schedules import Schedule, SCHEDULES, get_schedule
-from .samplers import StepOutput
+from .schedules import Schedule, SCHEDULES, get_schedule, time_input
+from .samplers import StepOutput, ddpm_step, ddpm_sample
 from .losses import GAN_LOSSES, LazyR1, PerceptualConfig, PerceptualLoss, SRDDGAN_VGG_LAYERS, VGG_MODES
 from .models.unet import UNet, UNetConfig, TIME_SCALES
 from .models.ddgan import Discriminator, DiscConfig
 from .models.rrdb import RRDBConfig, RRDBEncoder
 from .train import Task, register_task, DataConfig, OptimConfig, SampleConfig
-from .tasks import SRConfig, DDPMTask, residual_base
+from .tasks import SRConfig, DDPMTask, residual_base, regressor_arch
 
 # %% auto #0
-__all__ = ['GANConfig', 'SRDDGANConfig', 'check_posterior_chain', 'check_srddgan_config', 'q_sample_pair', 'posterior_step',
-           'SRDDGANTask', 'sample_diverse']
+__all__ = ['ChainGANConfig', 'GANConfig', 'SRDDGANConfig', 'check_posterior_chain', 'check_srddgan_config', 'q_sample_pair',
+           'DiffusionGANTask', 'SRDDGANTask', 'sample_diverse']
 
 # %% ../nbs/api/32_srddgan.ipynb #53611e38
 @dataclass
-class GANConfig:
+class ChainGANConfig:
+    "What every diffusion-GAN family shares: the few-step chain, its discriminator's regularisers, the perceptual VGG."
+    T: int = 4                  # posterior steps (SRDDGAN Table 1 'Timestep' 4, Table 7 ablates 1, 2, 8; LDDPM gives none: 4)
+    schedule: str = 'vp'        # key of schedules.SCHEDULES for the T steps (neither paper gives one; DDGAN's discretised VP)
+    residual: bool = False      # chain on HR - Up(LR) (or HR - regressor(LR)) instead of HR (both papers diffuse HR itself)
+    vgg: str = 'pretrained'     # VGG-19 of the content/style losses: 'pretrained' (hub cache) | 'random' (tests, labelled runs)
+    gan_loss: str = 'ns'        # key of losses.GAN_LOSSES: 'ns' = eq. 21 (SRDDGAN) / 13 (LDDPM) for D, non-saturating -log D for G
+    r1_gamma: float = 0.05      # R1 weight gamma on real x_{t-1} (given by neither paper; small, as in DDGAN); 0 disables
+    r1_every: int = 1           # lazy R1: applied every k-th step, multiplied by k (1: every step)
+    d_lr_mult: float = 1.0      # D's learning rate / G's (optim.lr)
+
+@dataclass
+class GANConfig(ChainGANConfig):
     "The SRDDGAN chain, loss weights and regularisers (SRDDGAN eq. 15-28, Table 1)."
-    T: int = 4                  # denoising steps (Table 1 'Timestep' 4; Table 7 ablates 1, 2, 8)
-    schedule: str = 'vp'        # key of schedules.SCHEDULES for the T steps (not in the paper's text; DDGAN's VP)
     alpha: float = 1.0          # weight of L_adv (eq. 22; Table 1: 1)
     beta: float = 0.8           # weight of L_content, VGG-19 features (eq. 12, 22; Table 1: 0.8)
     eta: float = 0.2            # weight of L_style, Gram matrices (eq. 13-14, 22; Table 1: 0.2)
     pixel: float = 0.0          # weight of an L1 term |y0' - y0| on the image; NOT in SRDDGAN (eq. 22 has none): 0 = paper
-    vgg: str = 'pretrained'     # VGG-19 of the content/style losses: 'pretrained' (hub cache) | 'random' (tests, labelled runs)
-    gan_loss: str = 'ns'        # key of losses.GAN_LOSSES: 'ns' = eq. 21 for D, non-saturating -log D for G
-    r1_gamma: float = 0.05      # R1 weight gamma on real y_{t-1} (not given in SRDDGAN; small, as in DDGAN); 0 disables
-    r1_every: int = 1           # lazy R1: applied every k-th step, multiplied by k (1: every step)
     use_rrdb: bool = True       # RRDB LR-encoder features stacked with the LR image as G's condition (Table 5 V2; False: V1)
-    residual: bool = False      # chain on HR - Up(LR) instead of HR (SRDDGAN works on HR; residual is its 'future work')
     fresh_z: bool = False       # sampling: a new z at every step (DDGAN) instead of one z per image (Algorithm 2, line 2)
     d_lr_mult: float = 1.6      # D's learning rate / G's (optim.lr): Table 1 G 1e-4, D 1.6e-4
 
@@ -60,30 +65,32 @@ class SRDDGANConfig(SRConfig):
     # `diffusion` and `autoencoder` (inherited from SRConfig) are not used by this task: the chain is gan.schedule / gan.T
 
 # %% ../nbs/api/32_srddgan.ipynb #3c4da01a
-def check_posterior_chain(cfg, # an SRDDGAN or LDDPM config (has model, disc, data, sample)
-                          T: int, # steps of the GAN chain
-                          key: str, # the config key that sets T, for messages (e.g. 'gan.T')
+def check_posterior_chain(cfg, # an SRDDGAN or LDDPM config (has model, disc, data, sample, regressor)
+                          key: str, # its ChainGANConfig block: 'gan' or 'lddpm'
                           why: str, # how the model samples, for the sampler message
                           disc: bool = True): # check the discriminator's channels too
-    "The checks every diffusion-GAN task shares: D sees data.channels, known time scales, ancestral sampling in 1..T steps."
-    c, d, m = cfg.data.channels, cfg.disc, cfg.model
+    "The checks every diffusion-GAN task shares: its chain block, D sees data.channels, ancestral sampling in 1..T steps."
+    g, c, d, m = getattr(cfg, key), cfg.data.channels, cfg.disc, cfg.model
+    if g.schedule not in SCHEDULES: raise ConfigError(f"Unknown {key}.schedule '{g.schedule}'; available: {sorted(SCHEDULES)}.")
+    if g.T < 1: raise ConfigError(f"{key}.T={g.T}; use a positive number of steps (SRDDGAN and the presets: 4).")
+    if g.vgg not in VGG_MODES: raise ConfigError(f"Unknown {key}.vgg '{g.vgg}'; use one of {list(VGG_MODES)}.")
+    if g.gan_loss not in GAN_LOSSES: raise ConfigError(f"Unknown {key}.gan_loss '{g.gan_loss}'; available: {sorted(GAN_LOSSES)}.")
+    if g.r1_every < 1: raise ConfigError(f"{key}.r1_every={g.r1_every}; use 1 (every step) or more.")
     if disc and (d.in_ch != c or (d.use_lr and d.cond_ch != c)):
         raise ConfigError(f"disc.in_ch={d.in_ch} (and disc.cond_ch={d.cond_ch} with use_lr) must equal data.channels={c}.")
     if d.time not in TIME_SCALES or m.time not in TIME_SCALES:
         raise ConfigError(f"model.time / disc.time must be one of {list(TIME_SCALES)}.")
     if cfg.sample.sampler != 'ddpm':
         raise ConfigError(f"sample.sampler='{cfg.sample.sampler}': {why}; set sample.sampler=ddpm.")
-    if not 1 <= cfg.sample.steps <= T:
-        raise ConfigError(f"sample.steps={cfg.sample.steps} but the chain has {key}={T} steps; use 1..{T}.")
+    if not 1 <= cfg.sample.steps <= g.T:
+        raise ConfigError(f"sample.steps={cfg.sample.steps} but the chain has {key}.T={g.T} steps; use 1..{g.T}.")
+    if cfg.regressor and not g.residual:
+        raise ConfigError(f"regressor={cfg.regressor!r} needs {key}.residual=true (the chain runs on HR - regressor(LR)); "
+                          "set it, or set regressor='' for Up(LR) or the paper's chain on HR.")
 
 def check_srddgan_config(cfg: SRDDGANConfig) -> SRDDGANConfig:
     "Raise a ConfigError naming the key and the fix when the sections do not fit together."
     g, m, d, c = cfg.gan, cfg.model, cfg.disc, cfg.data.channels
-    if g.schedule not in SCHEDULES: raise ConfigError(f"Unknown gan.schedule '{g.schedule}'; available: {sorted(SCHEDULES)}.")
-    if g.T < 1: raise ConfigError(f"gan.T={g.T}; use a positive number of steps (SRDDGAN: 4).")
-    if g.vgg not in VGG_MODES: raise ConfigError(f"Unknown gan.vgg '{g.vgg}'; use one of {list(VGG_MODES)}.")
-    if g.gan_loss not in GAN_LOSSES: raise ConfigError(f"Unknown gan.gan_loss '{g.gan_loss}'; available: {sorted(GAN_LOSSES)}.")
-    if g.r1_every < 1: raise ConfigError(f"gan.r1_every={g.r1_every}; use 1 (every step) or more.")
     if min(g.alpha, g.beta, g.eta, g.pixel, g.r1_gamma) < 0: raise ConfigError("gan.alpha, beta, eta, pixel and r1_gamma must be >= 0.")
     if (m.in_ch, m.out_ch, m.learn_sigma) != (c, c, False):
         raise ConfigError(f"The generator predicts y0: set model.in_ch={c}, model.out_ch={c} (data.channels) and "
@@ -94,10 +101,7 @@ def check_srddgan_config(cfg: SRDDGANConfig) -> SRDDGANConfig:
         raise ConfigError(f"model.cond_ch={m.cond_ch} but the generator's condition has {want} channels ({why}); set model.cond_ch={want}.")
     if m.cond == 'none': raise ConfigError("model.cond='none' ignores the LR image; SRDDGAN is conditional: use model.cond=concat.")
     if g.use_rrdb and cfg.rrdb.in_ch != c: raise ConfigError(f"rrdb.in_ch={cfg.rrdb.in_ch} but data.channels={c}; set them equal.")
-    check_posterior_chain(cfg, g.T, 'gan.T', 'SRDDGAN samples its posterior ancestrally (Algorithm 2)')
-    if cfg.regressor and not g.residual:
-        raise ConfigError(f"regressor={cfg.regressor!r} needs gan.residual=true (the chain runs on HR - regressor(LR)); "
-                          "set it, or set regressor='' for Up(LR) or the paper's chain on HR.")
+    check_posterior_chain(cfg, 'gan', 'SRDDGAN samples its posterior ancestrally (Algorithm 2)')
     div = 2 ** len(d.ch_mult)
     if cfg.data.patch % div:
         raise ConfigError(f"data.patch={cfg.data.patch} is not divisible by 2**len(disc.ch_mult)={div}; "
@@ -116,105 +120,84 @@ def q_sample_pair(schedule: Schedule, # the T-step chain
     y_prev = ab_prev.sqrt() * y0 + (1 - ab_prev).sqrt() * e1
     return y_prev, schedule.q_step(y_prev, t, eps=e2)
 
-# %% ../nbs/api/32_srddgan.ipynb #1ba31c26
-def posterior_step(schedule: Schedule, # the chain (or a respaced one; `t` indexes it)
-                   pred_y0: torch.Tensor, # (N, C, H, W) y0' = G(x, y_t, z, t)
-                   yt: torch.Tensor, # (N, C, H, W) current sample y_t
-                   t, # int or (N,) long 0-based step index into `schedule`
-                   noise: torch.Tensor | None = None, # epsilon of eq. 28, like yt; None: drawn from `generator`
-                   generator: torch.Generator | None = None, # on yt's device, for the noise
-                  ) -> StepOutput:
-    "y_{t-1} = mu(y_t, y0') + sigma_t * eps from q(y_{t-1} | y_t, y0') (SRDDGAN eq. 26-28); no noise at index 0."
-    t = torch.as_tensor(t, device=yt.device).long()
-    t = t.expand(yt.shape[0]) if t.ndim == 0 else t
-    mean, var, _ = schedule.q_posterior(pred_y0, yt, t)
-    nonzero = (t > 0).to(yt.dtype).reshape(-1, *[1] * (yt.ndim - 1))
-    if not bool(nonzero.any()): return StepOutput(mean, pred_y0)
-    eps = torch.randn(yt.shape, generator=generator, device=yt.device, dtype=yt.dtype) if noise is None else noise
-    return StepOutput(mean + nonzero * var.sqrt() * eps, pred_y0)
-
 # %% ../nbs/api/32_srddgan.ipynb #0b9f6358
-def _time_input(net_time: str, schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
-    "What a network is fed for step index t: the index itself ('int') or the noise level sqrt(abar_t) ('gamma')."
-    return schedule.sqrt_abar.to(t.device)[t] if net_time == 'gamma' else t
-
-@register_task('srddgan')
-class SRDDGANTask(Task):
-    "SRDDGAN: G(x, y_t, z, t) -> y0', posterior sampling, D(y_{t-1}, y_t, t); Algorithm 1 (train) and 2 (predict)."
-    config_cls = SRDDGANConfig
-
-    def __init__(self, cfg: SRDDGANConfig, device, pretrained: bool = True):
-        super().__init__(cfg, device, pretrained)
-        check_srddgan_config(cfg)
-        g = cfg.gan
-        self.schedule = get_schedule(g.schedule, g.T).to(device)
-        self.modules = {'generator': UNet(cfg.model).to(device), 'discriminator': Discriminator(cfg.disc).to(device)}
-        if g.use_rrdb: self.modules['rrdb'] = RRDBEncoder.from_config(cfg.rrdb).to(device)
-        if cfg.regressor: self.modules['regressor'] = DDPMTask._regressor(cfg, device, pretrained)  # frozen
-        self.gan_loss, self.r1 = GAN_LOSSES[g.gan_loss], LazyR1(g.r1_gamma, g.r1_every)
-        self._perceptual = None
-        if pretrained and (g.beta > 0 or g.eta > 0): self.perceptual  # fail early when VGG-19 weights are missing
+class DiffusionGANTask(Task):
+    "What SRDDGAN and LDDPM share: x0' = G(..., x_t, z, t), the posterior chain of samplers.ddpm_step, D(x_{t-1}, x_t, t)."
+    chain_key: str = ''         # the family's ChainGANConfig block in the run config: 'gan' (SRDDGAN) or 'lddpm'
+    samplers = ()               # capability: no sampler to choose; the posterior is walked ancestrally, predict(steps=1..T)
 
     @property
-    def perceptual(self) -> PerceptualLoss | None:
-        "beta * content + eta * style (+ pixel L1) on frozen VGG-19 (eq. 12-14); None when beta = eta = 0."
-        g = self.cfg.gan
-        if self._perceptual is None and (g.beta > 0 or g.eta > 0):
-            pc = PerceptualConfig(layers=SRDDGAN_VGG_LAYERS, content_weight=g.beta, style_weight=g.eta, pixel_weight=g.pixel,
-                                  mode=g.vgg)
-            self._perceptual = PerceptualLoss(pc).to(self.device)
-        return self._perceptual
+    def chain(self) -> ChainGANConfig:
+        "The family's chain block (cfg.gan or cfg.lddpm)."
+        return getattr(self.cfg, self.chain_key)
+
+    def _build_chain(self, device):
+        "The T-step schedule, the GAN loss and the lazy R1 of the chain block (called by the subclass's __init__)."
+        g = self.chain
+        self.schedule = get_schedule(g.schedule, g.T).to(device)
+        self.gan_loss, self.r1 = GAN_LOSSES[g.gan_loss], LazyR1(g.r1_gamma, g.r1_every)
+        self._perceptual = None
+
+    @classmethod
+    def arch_from_files(cls, cfg) -> str:
+        "The planner's hook: a residual chain's frozen regressor, from its meta.json."
+        return regressor_arch(cfg)
 
     def param_groups(self) -> dict[str, list]:
-        "Algorithm 1: Step I updates D, Step II updates G (and the LR encoder)."
-        gen = [p for k, m in self.modules.items() if k != 'discriminator' for p in m.parameters() if p.requires_grad]
-        return {'d': list(self.modules['discriminator'].parameters()), 'g': gen}
+        "Algorithm 1: the discriminator's phase 'd' steps first (when there is one), then 'g' (everything else that trains)."
+        g = [p for k, m in self.modules.items() if k != 'discriminator' for p in m.parameters() if p.requires_grad]
+        d = {'d': list(self.modules['discriminator'].parameters())} if 'discriminator' in self.modules else {}
+        return {**d, 'g': g}
 
     def lr_mult(self, phase: str) -> float:
-        "D learns `gan.d_lr_mult` times faster than G (Table 1)."
-        return self.cfg.gan.d_lr_mult if phase == 'd' else 1.0
+        "D learns `d_lr_mult` times as fast as G."
+        return self.chain.d_lr_mult if phase == 'd' else 1.0
 
-    # ---- the pieces shared by loss and predict
-    def condition(self, lr: torch.Tensor, modules: dict | None = None) -> torch.Tensor:
-        "G's condition at LR size: the LR image, with the RRDB features stacked on channels when gan.use_rrdb."
-        mods = modules or self.modules
-        return torch.cat([lr, mods['rrdb'](lr)], dim=1) if 'rrdb' in mods else lr
-
+    # ---- chain space <-> images
     def chain_shape(self, lr) -> tuple:
         "Shape of the chain's sample for an LR batch (N, C, h*scale, w*scale)."
         s = self.cfg.data.scale
         return (lr.shape[0], self.cfg.model.in_ch, lr.shape[-2] * s, lr.shape[-1] * s)
 
     def to_chain(self, hr, lr) -> torch.Tensor:
-        "The chain's clean sample: HR, or with gan.residual HR - Up(LR) (HR - regressor(LR) when the run names a `regressor`)."
-        return hr - residual_base(self.modules, lr, self.cfg.data.scale) if self.cfg.gan.residual else hr
+        "The chain's clean sample: HR, or with `residual` HR - Up(LR) (HR - regressor(LR) when the run names a `regressor`)."
+        return hr - residual_base(self.modules, lr, self.cfg.data.scale) if self.chain.residual else hr
+
+    def to_image(self, x0, lr, modules=None) -> torch.Tensor:
+        "A chain-space x0 (or x0') as an image in model range, unclamped."
+        return x0 + residual_base(modules or self.modules, lr, self.cfg.data.scale) if self.chain.residual else x0
 
     def decode_chain(self, y, lr, modules=None) -> torch.Tensor:
-        "From a chain sample (or a y0' along the way) to the SR image in [-1, 1]."
-        base = residual_base(modules or self.modules, lr, self.cfg.data.scale) if self.cfg.gan.residual else 0
-        return (y + base).clamp(-1, 1)
+        "From a chain sample (or an x0' along the way) to the SR image in [-1, 1]."
+        return self.to_image(y, lr, modules).clamp(-1, 1)
 
-    def generate(self, G, yt, t, cond, z) -> torch.Tensor:
-        "y0' = G(x, y_t, z, t) in chain space."
-        return G(yt, _time_input(self.cfg.model.time, self.schedule, t), lr=cond, z=z)
+    # ---- the pieces of both phases
+    def generate(self, G, xt, t, cond, z) -> torch.Tensor:
+        "x0' in chain space from the generator at parent step t; each family says how (its condition, its output)."
+        raise NotImplementedError
 
     def _z(self, n, device, generator=None):
+        "The generator's latent z ~ N(0, I), (n, model.z_dim); None without one."
         zd = self.cfg.model.z_dim
         return torch.randn(n, zd, generator=generator, device=device) if zd else None
 
-    def _fake(self, y0, lr, cond):
-        "Algorithm 1: t ~ U, a real pair, z ~ N(0, I), y0' = G(...), fake y'_{t-1} from the posterior."
-        n = y0.shape[0]
-        t = torch.randint(0, self.schedule.T, (n,), device=y0.device)
-        y_prev, yt = q_sample_pair(self.schedule, y0, t)
-        pred = self.generate(self.modules['generator'], yt, t, cond, self._z(n, y0.device))
-        return t, y_prev, yt, pred, posterior_step(self.schedule, pred, yt, t).prev
+    def posterior(self, s: Schedule, x0p, xt, t, generator=None) -> StepOutput:
+        "x_{t-1} ~ q(x_{t-1} | x_t, x0') (SRDDGAN eq. 26-28, LDDPM eq. 15): `ddpm_step` with x0 prediction and beta~."
+        return ddpm_step(s, x0p, xt, t, param='x0', var_type='small', clip_x0=False, generator=generator)
 
-    def _D(self, x_prev, yt, t, lr, frozen: bool = False):
+    def _fake(self, x0, lr, cond):
+        "Algorithm 1: t ~ U, a real pair, z ~ N(0, I), x0' = G(...), a fake x'_{t-1} from the posterior."
+        n = x0.shape[0]
+        t = torch.randint(0, self.schedule.T, (n,), device=x0.device)
+        x_prev, xt = q_sample_pair(self.schedule, x0, t)
+        pred = self.generate(self.modules['generator'], xt, t, cond, self._z(n, x0.device))
+        return t, x_prev, xt, pred, self.posterior(self.schedule, pred, xt, t).prev
+
+    def _D(self, x_prev, xt, t, lr, frozen: bool = False):
         "D's logits; frozen: through detached weights, so the G step computes no D weight gradients."
         D = self.modules['discriminator']
         D = getattr(D, '_orig_mod', D)
-        args = (x_prev, yt, _time_input(self.cfg.disc.time, self.schedule, t), lr if self.cfg.disc.use_lr else None)
+        args = (x_prev, xt, time_input(self.schedule, t, self.cfg.disc.time), lr if self.cfg.disc.use_lr else None)
         if not frozen: return D(*args)
         return torch.func.functional_call(D, {k: v.detach() for k, v in D.named_parameters()}, args)
 
@@ -227,6 +210,49 @@ class SRDDGANTask(Task):
         r1 = self.r1(step, real_logits, x_prev) if due else adv.new_zeros(())
         return adv + r1, {'d_loss': adv.detach(), 'r1': r1.detach(), 'd_real': real_logits.mean().detach(),
                           'd_fake': fake_logits.mean().detach()}
+
+    def _walk(self, x_T, x0_fn, steps, generator, return_trajectory=False, progress=False):
+        "The reverse chain from x_T: `samplers.ddpm_sample` on x0_fn(x_t, t) -> x0', 'trailing' respacing (keeps step T) when steps < T."
+        return ddpm_sample(x0_fn, x_T.shape, self.schedule, steps=int(steps), x_T=x_T, generator=generator, param='x0',
+                           var_type='small', clip_x0=False, spacing='trailing', return_trajectory=return_trajectory,
+                           progress=progress)
+
+    def _check_sampler(self, sampler, why: str):
+        if sampler not in (None, 'ddpm'): raise ValueError(f"sampler={sampler!r}: {why}; pass sampler=None or 'ddpm'.")
+
+@register_task('srddgan')
+class SRDDGANTask(DiffusionGANTask):
+    "SRDDGAN: G(x, y_t, z, t) -> y0', posterior sampling, D(y_{t-1}, y_t, t); Algorithm 1 (train) and 2 (predict)."
+    config_cls = SRDDGANConfig
+    chain_key = 'gan'
+
+    def __init__(self, cfg: SRDDGANConfig, device, pretrained: bool = True):
+        super().__init__(cfg, device, pretrained)
+        check_srddgan_config(cfg)
+        self._build_chain(device)
+        self.modules = {'generator': UNet(cfg.model).to(device), 'discriminator': Discriminator(cfg.disc).to(device)}
+        if cfg.gan.use_rrdb: self.modules['rrdb'] = RRDBEncoder.from_config(cfg.rrdb).to(device)
+        if cfg.regressor: self.modules['regressor'] = DDPMTask._regressor(cfg, device, pretrained)  # frozen
+        if pretrained and (cfg.gan.beta > 0 or cfg.gan.eta > 0): self.perceptual  # fail early when VGG-19 weights are missing
+
+    @property
+    def perceptual(self) -> PerceptualLoss | None:
+        "beta * content + eta * style (+ pixel L1) on frozen VGG-19 (eq. 12-14); None when beta = eta = 0."
+        g = self.cfg.gan
+        if self._perceptual is None and (g.beta > 0 or g.eta > 0):
+            pc = PerceptualConfig(layers=SRDDGAN_VGG_LAYERS, content_weight=g.beta, style_weight=g.eta, pixel_weight=g.pixel,
+                                  mode=g.vgg)
+            self._perceptual = PerceptualLoss(pc).to(self.device)
+        return self._perceptual
+
+    def condition(self, lr: torch.Tensor, modules: dict | None = None) -> torch.Tensor:
+        "G's condition at LR size: the LR image, with the RRDB features stacked on channels when gan.use_rrdb."
+        mods = modules or self.modules
+        return torch.cat([lr, mods['rrdb'](lr)], dim=1) if 'rrdb' in mods else lr
+
+    def generate(self, G, yt, t, cond, z) -> torch.Tensor:
+        "y0' = G(x, y_t, z, t) in chain space."
+        return G(yt, time_input(self.schedule, t, self.cfg.model.time), lr=cond, z=z)
 
     def loss(self, phase, batch, step):
         "Phase 'd': eq. 21 (+ lazy R1 on real pairs); phase 'g': eq. 22 (adversarial + content + style [+ pixel])."
@@ -256,26 +282,21 @@ class SRDDGANTask(Task):
 
     @torch.no_grad()
     def predict(self, lr, seed=0, modules=None, steps=None, return_trajectory=False, sampler=None, z=None, progress=False):
-        "Algorithm 2: y_T ~ N(0, I), then `steps` (default sample.steps = T) posterior steps; SR in [-1, 1]."
-        if sampler not in (None, 'ddpm'):
-            raise ValueError(f"sampler={sampler!r}: SRDDGAN samples its posterior ancestrally (Algorithm 2); pass sampler=None or 'ddpm'.")
-        mods = modules or self.eval_modules
-        S = int(steps or self.cfg.sample.steps)
-        s = self.schedule if S == self.schedule.T else self.schedule.respace(S, 'trailing')  # 'trailing' keeps step T
+        "Algorithm 2: y_T ~ N(0, I), one z per image, then `steps` (default sample.steps = T) posterior steps; SR in [-1, 1]."
+        self._check_sampler(sampler, 'SRDDGAN samples its posterior ancestrally (Algorithm 2)')
+        mods, n = modules or self.eval_modules, lr.shape[0]
         gen = make_generator(seed, lr.device)
         y = torch.randn(self.chain_shape(lr), generator=gen, device=lr.device)
-        if z is None: z = self._z(lr.shape[0], lr.device, gen)  # Algorithm 2, line 2: one z per image
-        cond = self.condition(lr, mods)
-        traj = dict(xt=[y.cpu()], pred_x0=[], t=[]) if return_trajectory else None
-        for i in range(S - 1, -1, -1):
-            t = s.timesteps[i].to(lr.device).expand(lr.shape[0])  # the step G was trained at
-            if self.cfg.gan.fresh_z and i < S - 1: z = self._z(lr.shape[0], lr.device, gen)
-            y, y0 = posterior_step(s, self.generate(mods['generator'], y, t, cond, z), y, i, generator=gen)
-            if traj is not None: traj['xt'].append(y.cpu()); traj['pred_x0'].append(y0.cpu()); traj['t'].append(int(t[0]))
-            step_done(S - i, S)
+        z0 = self._z(n, lr.device, gen) if z is None else z  # Algorithm 2, line 2: one z per image
+        cond, calls = self.condition(lr, mods), [0]
+        def x0_fn(yt, t):
+            zt = self._z(n, lr.device, gen) if self.cfg.gan.fresh_z and calls[0] else z0  # fresh_z: DDGAN's new z per later step
+            calls[0] += 1
+            return self.generate(mods['generator'], yt, t, cond, zt)
+        res = self._walk(y, x0_fn, steps or self.cfg.sample.steps, gen, return_trajectory, progress)
+        y, traj = res if return_trajectory else (res, None)
         sr = self.decode_chain(y, lr, mods)
-        if not return_trajectory: return sr
-        return sr, dict(xt=torch.stack(traj['xt']), pred_x0=torch.stack(traj['pred_x0']), t=torch.tensor(traj['t']))
+        return (sr, traj) if return_trajectory else sr
 
 # %% ../nbs/api/32_srddgan.ipynb #f5c275be
 @torch.no_grad()

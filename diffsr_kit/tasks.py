@@ -11,14 +11,16 @@ import torch.nn.functional as F
 
 from .config import ConfigError
 from .diffusion import Diffusion, DiffusionConfig, upsample_lr
+from .schedules import time_input
 from .models.unet import UNet, UNetConfig
 from .samplers import sample, SAMPLERS
 from .train import Task, register_task, DataConfig, OptimConfig, RunConfig, SampleConfig
 from .models.autoencoders import AEConfig, build_autoencoder, autoencoder_step, estimate_scale_factor, load_autoencoder
 
 # %% auto #0
-__all__ = ['SRConfig', 'regress', 'residual_base', 'load_regressor', 'unet_fn', 'DDPMTask', 'RegressionTask', 'AERunConfig',
-           'recon_metrics', 'AutoencoderTask', 'LatentConfig', 'load_frozen_autoencoder', 'LatentDDPMTask']
+__all__ = ['SRConfig', 'regress', 'residual_base', 'load_regressor', 'regressor_arch', 'unet_fn', 'DDPMTask', 'RegressionTask',
+           'AERunConfig', 'recon_metrics', 'AutoencoderTask', 'LatentConfig', 'read_autoencoder_config',
+           'load_frozen_autoencoder', 'LatentDDPMTask']
 
 # %% ../nbs/api/31_tasks.ipynb #85aa5a3a
 @dataclass
@@ -89,11 +91,23 @@ def load_regressor(path: str, device, scale: int) -> tuple:
                           f"it must be a residual 'regression' checkpoint of scale {scale}.")
     return t.eval_modules['unet'].eval().requires_grad_(False), t.cfg.model
 
+def regressor_arch(cfg) -> str:
+    "Fill cfg.regressor_model from the meta.json of a residual chain's frozen regressor (config key `regressor`); what was read."
+    import json
+    from pathlib import Path
+    from diffsr_kit.config import config_from_dict
+    from diffsr_kit.train import find_checkpoint
+    if not getattr(cfg, 'regressor', ''): return ''
+    p = Path(cfg.regressor)
+    if not p.exists(): return f"regressor shape from the preset's `regressor_model` block ({p} is not there; nothing read)"
+    cfg.regressor_model = config_from_dict(UNetConfig, json.loads((find_checkpoint(p) / 'meta.json').read_text())['config']['model'])
+    return f"regressor shape from the JSON config in {p} (weights not read)"
+
 def unet_fn(unet: UNet, diffusion: Diffusion | None, **cond):
-    "model_fn(xt, t) for samplers and losses: feeds integer t, or sqrt(abar_t) when the U-Net is gamma-conditioned."
-    gamma = unet.cfg.time == 'gamma' if hasattr(unet, 'cfg') else False
+    "model_fn(xt, t) for samplers and losses: the U-Net fed `schedules.time_input` of the parent step t (t, or sqrt(abar_t))."
+    kind = unet.cfg.time if hasattr(unet, 'cfg') else 'int'
     def fn(xt, t, **extra):
-        tt = diffusion.schedule_on(xt.device).sqrt_abar[t] if gamma else t
+        tt = time_input(diffusion.schedule_on(xt.device), t, kind) if kind != 'int' else t
         return unet(xt, tt, **cond, **extra)
     return fn
 
@@ -102,6 +116,8 @@ def unet_fn(unet: UNet, diffusion: Diffusion | None, **cond):
 class DDPMTask(Task):
     "Conditional DDPM super-resolution: U-Net denoiser + `Diffusion` chain + a sampler."
     config_cls = SRConfig
+    samplers = ('ddpm', 'ddim')  # ancestral over all T steps by default, or DDIM on sample.steps
+    plain_chain = True
 
     def __init__(self, cfg: SRConfig, device, pretrained: bool = True):
         super().__init__(cfg, device, pretrained)
@@ -109,6 +125,11 @@ class DDPMTask(Task):
         self.diffusion = Diffusion(cfg.diffusion)
         self.modules = {'unet': UNet(cfg.model).to(device)}
         if cfg.regressor: self.modules['regressor'] = self._regressor(cfg, device, pretrained)
+
+    @classmethod
+    def arch_from_files(cls, cfg) -> str:
+        "The planner's hook: the frozen regressor's shape from its meta.json."
+        return regressor_arch(cfg)
 
     @staticmethod
     def _regressor(cfg, device, pretrained: bool):
@@ -140,14 +161,19 @@ class DDPMTask(Task):
         "From the chain's sample (or a pred_x0 along the way) to the SR image in [-1, 1]."
         return self.diffusion.from_chain(x, lr, self.base(lr, modules)).clamp(-1, 1)
 
+    def default_steps(self, sampler: str) -> int | None:
+        "DDPM: the full chain (diffusion.T); DDIM: sample.steps."
+        return {'ddpm': self.diffusion.T, 'ddim': self.cfg.sample.steps}.get(sampler)
+
     @torch.no_grad()
-    def predict(self, lr, seed=0, modules=None, sampler=None, steps=None, eta=None, return_trajectory=False, progress=False):
+    def predict(self, lr, seed=0, modules=None, sampler=None, steps=None, eta=None, return_trajectory=False, progress=False,
+                **hooks): # sampler hooks a subclass adds (CG-DPM: guidance, guidance_scale)
         "Sample SR images for `lr` (N,C,h,w) in [-1, 1] (DDPM default: the full chain; DDIM: sample.steps)."
         mods = modules or self.eval_modules
         s = self.cfg.sample
         sampler = sampler or s.sampler
         if steps is None and sampler == 'ddim': steps = s.steps
-        kw = dict(seed=seed, steps=steps, return_trajectory=return_trajectory, progress=progress, device=lr.device)
+        kw = dict(seed=seed, steps=steps, return_trajectory=return_trajectory, progress=progress, device=lr.device, **hooks)
         if sampler == 'ddim': kw['eta'] = s.eta if eta is None else eta
         res = sample(sampler, unet_fn(mods['unet'], self.diffusion, lr=lr), self.chain_shape(lr), self.diffusion, **kw)
         x, traj = res if return_trajectory else (res, None)
@@ -253,6 +279,19 @@ class AutoencoderTask(Task):
 class LatentConfig(SRConfig):
     ae: AEConfig = field(default_factory=AEConfig)  # the frozen autoencoder's config (filled from `autoencoder` when training)
 
+def read_autoencoder_config(path: str | Path):
+    "The AEConfig of a saved autoencoder (config.json) or of an autoencoder run / export (meta.json), without its weights."
+    import json
+    from pathlib import Path
+    from diffsr_kit.config import config_from_dict
+    from diffsr_kit.train import find_checkpoint
+    p = Path(path)
+    if (p / 'config.json').exists():
+        d = json.loads((p / 'config.json').read_text()); d.pop('_saved', None)
+        return AEConfig(**d)
+    meta = json.loads((find_checkpoint(p) / 'meta.json').read_text())
+    return config_from_dict(AEConfig, meta['config']['model'])
+
 def load_frozen_autoencoder(path: str, device) -> tuple:
     "An autoencoder from a training run (ckpt folder) or a saved autoencoder folder, frozen, in eval mode."
     from pathlib import Path
@@ -270,6 +309,16 @@ def load_frozen_autoencoder(path: str, device) -> tuple:
 class LatentDDPMTask(DDPMTask):
     "DDPM on the latent of a frozen VAE / VQ-VAE, conditioned on the LR image (thesis §4.3); optionally on E(HR) - E(base)."
     config_cls = LatentConfig
+
+    @classmethod
+    def arch_from_files(cls, cfg) -> str:
+        "The planner's hook: the frozen autoencoder's shape (config key `autoencoder`) and the regressor's, from their JSON."
+        from pathlib import Path
+        p = Path(cfg.autoencoder) if cfg.autoencoder else None
+        if p is None or not p.exists():
+            ae = f"autoencoder shape from the preset's `ae` block ({cfg.autoencoder or 'no path'} is not there; nothing read)"
+        else: cfg.ae, ae = read_autoencoder_config(p), f"autoencoder shape from the JSON config in {p} (weights not read)"
+        return '; '.join(filter(None, [ae, regressor_arch(cfg)]))
 
     def __init__(self, cfg: LatentConfig, device, pretrained: bool = True):
         Task.__init__(self, cfg, device, pretrained)

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 
 from .core import FAST
+from .zoo import quality_rows
 from .data import IMAGES
 from .degrade import DegradeConfig, degrade
 
 # %% auto #0
-__all__ = ['SECTIONS', 'TOUR_SR_METHODS', 'TourContext', 'Section', 'section', 'held_out_images', 'degradation_section',
-           'kernel_section', 'schedule_section', 'tour_sr_images', 'zoom_box', 'sr_section', 'run_tour']
+__all__ = ['SECTIONS', 'TourContext', 'Section', 'section', 'held_out_images', 'degradation_section', 'kernel_section',
+           'schedule_section', 'tour_sr_methods', 'tour_sr_images', 'zoom_box', 'sr_section', 'run_tour']
 
 # %% ../nbs/api/70_tour.ipynb #703f8a13
 @dataclass
@@ -101,7 +102,9 @@ def schedule_section(ctx: TourContext) -> Section:
                    {'schedules': names, 'T': 1000})
 
 # %% ../nbs/api/70_tour.ipynb #7047aa99
-TOUR_SR_METHODS = ('bicubic', 'regression', 'sr3-ddim', 'sr4', 'vae-ddpm', 'srddgan')  # quality.QUALITY_METHODS keys shown
+def tour_sr_methods() -> list[str]:
+    "The quality rows the tour's SR section shows: those the zoo marks `tour=True`, in table order."
+    return [k for k, (_, r) in quality_rows().items() if r.tour]
 
 def tour_sr_images(images: dict, # name -> (3,H,W) HR crop
                    fast: bool = False, # keep one natural and one medical image
@@ -134,7 +137,7 @@ def sr_section(ctx: TourContext) -> Section:
     hr = quantise8(torch.stack([imgs[n] for n in names]))
     protocol = replace(PROTOCOL, size=ctx.size, seed=ctx.seed)
     methods = {k: replace(m, steps=ctx.sr_steps) if m.sampler == 'ddim' else m
-               for k, m in ((k, QUALITY_METHODS[k]) for k in TOUR_SR_METHODS)}
+               for k, m in ((k, QUALITY_METHODS[k]) for k in tour_sr_methods())}
     lp, note = lpips_or_reason(protocol.lpips_net)
     card = quality_card(protocol, names, None, note, batch=len(names))
     card.notes['tour'] = (f'DDIM rows sample {ctx.sr_steps} steps (diffsr bench quality uses 50)' +

@@ -15,15 +15,15 @@ from torch import nn
 from safetensors.torch import save_file, load_file
 
 from .core import get_device, seed_everything, atomic_write, atomic_write_text, from_model, bf16_supported
-from .config import save_config, config_to_dict, config_from_dict, ConfigError
+from .config import save_config, config_to_dict, config_from_dict, ConfigError, load_config, read_yaml_chain
 from . import dist
 
 # %% auto #0
 __all__ = ['TASKS', 'TASK_MODULES', 'OPTIMIZERS', 'PLAN_WINDOW', 'ARCH_SECTIONS', 'COMPILE_MODES', 'RUN_CHECKS', 'DataConfig',
-           'OptimConfig', 'RunConfig', 'SampleConfig', 'Task', 'register_task', 'get_task', 'lr_at', 'make_optimizer',
-           'EMA', 'read_weights', 'save_checkpoint', 'find_checkpoint', 'load_task', 'export_checkpoint',
-           'make_dataset', 'get_batch', 'validate', 'TrainingDiverged', 'plan_steps', 'RunFolderBusy', 'RunLock',
-           'CUDAGraphed', 'cuda_graphed', 'check_run_config', 'train']
+           'OptimConfig', 'RunConfig', 'SampleConfig', 'Task', 'register_task', 'get_task', 'load_run_config', 'lr_at',
+           'make_optimizer', 'EMA', 'read_weights', 'save_checkpoint', 'find_checkpoint', 'load_task',
+           'export_checkpoint', 'make_dataset', 'get_batch', 'validate', 'TrainingDiverged', 'plan_steps',
+           'RunFolderBusy', 'RunLock', 'CUDAGraphed', 'cuda_graphed', 'check_run_config', 'train']
 
 # %% ../nbs/api/30_train.ipynb #afe2100a
 @dataclass
@@ -83,6 +83,10 @@ class Task:
     "Base class of a trainable model family; subclasses fill `modules` and implement `loss` and `predict`."
     config_cls: type = None     # the dataclass of the whole run config for this task
     train_only: tuple = ()      # modules a run's checkpoint keeps for --resume but an export leaves out (rebuilt empty on load)
+    # capabilities, read by the demo, the tables, the bench and the CLI (never sniffed from signatures):
+    samplers: tuple = ()        # samplers predict(sampler=...) lets a user choose, e.g. ('ddpm', 'ddim'); (): one fixed way
+    guided: bool = False        # predict takes guidance_scale (CG-DPM)
+    plain_chain: bool = False   # a plain DDPM/DDIM chain on modules['unet'] that diffusers' schedulers can walk too (bench)
 
     def __init__(self, cfg, device: torch.device,
                  pretrained: bool = True): # load pretrained parts named in cfg (False when a checkpoint will supply every weight)
@@ -107,9 +111,13 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, lr: torch.Tensor, seed: int = 0, modules: dict | None = None) -> torch.Tensor:
-        "Super-resolve `lr` (N,C,h,w) in [-1, 1] into (N,C,H,W) in [-1, 1] with `modules` (default: the EMA ones)."
+    def predict(self, lr: torch.Tensor, seed: int = 0, modules: dict | None = None, **options) -> torch.Tensor:
+        "Super-resolve `lr` (N,C,h,w) in [-1, 1] into (N,C,H,W) in [-1, 1]; options: sampler, steps, progress, return_trajectory."
         raise NotImplementedError
+
+    def default_steps(self, sampler: str) -> int | None:
+        "The steps `predict` takes with `sampler` when none are given (None: not iterative)."
+        return None
 
     def evaluate(self, val: dict, seed: int = 0, grid_path: Path | None = None) -> dict:
         "Validation numbers on the fixed batch `val` (default: SR metrics of `predict`, see `validate`)."
@@ -117,6 +125,11 @@ class Task:
 
     def finish(self, ds, ema_modules: dict | None = None):
         "Called once before the last checkpoint (e.g. to estimate a latent scale factor); default: nothing."
+
+    @classmethod
+    def arch_from_files(cls, cfg) -> str:
+        "The planner's hook: fill, in place, the shapes of frozen parts `cfg` names from their JSON (never weights); say what was read."
+        return ''  # default: no pretrained parts
 
 TASKS: dict[str, type] = {}
 
@@ -138,6 +151,19 @@ def get_task(name: str) -> type:
         if importlib.util.find_spec(m) is not None: importlib.import_module(m)
     if name not in TASKS: raise ConfigError(f"Unknown task '{name}' (config key 'task'); available: {sorted(TASKS)}.")
     return TASKS[name]
+
+def load_run_config(path: str | None, # a YAML preset (its `task`, or its base's, picks the dataclass); None: the defaults
+                    overrides: list[str] = (), # key=value strings applied last (`task=...` among them switches the task)
+                   ):
+    "The run config of a YAML preset with overrides applied, as the dataclass of its task."
+    task = 'ddpm'
+    if path is not None:
+        p = Path(path)
+        if not p.exists(): raise FileNotFoundError(f"Config file not found: {p}. Presets live in configs/ (e.g. configs/tiny_sr3_x4.yaml).")
+        for _, node in read_yaml_chain(p): task = node.get('task', task)
+    for o in overrides:
+        if o.startswith('task='): task = o.split('=', 1)[1]
+    return load_config(get_task(task).config_cls, path, list(overrides))
 
 # %% ../nbs/api/30_train.ipynb #01ef901b
 def lr_at(step: int, # optimiser step (0-based)

@@ -126,7 +126,7 @@ def test_bench_train_flops_match_torch_flop_counter():
 
 def test_flop_matched_reference_is_within_15_percent():
     from diffsr_kit.bench import match_reference
-    from diffsr_kit.dist import build_on_meta, trace_train_step
+    from diffsr_kit.plan import build_on_meta, trace_train_step
     for cfg in (config_from_dict(SRConfig, TINY),
                 config_from_dict(SRConfig, {**TINY, 'model': {**TINY['model'], 'base_ch': 32, 'attn_res': [16]}})):
         target = trace_train_step(build_on_meta(cfg)[0], cfg)['flops_per_img']

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr, structural_similarity as sk_ssim
 
 from diffsr_kit.data import load_image
-from diffsr_kit.demo import assets_dir
+from diffsr_kit.core import assets_dir
 ASSETS_DIR = assets_dir()
 from diffsr_kit.demo import (MODELS, DemoConfig, DemoInputError, SRModel, bicubic_upsample, free_port, launch_demo,
                              make_demo, models_available, read_upload, register_model, upscale)
@@ -101,9 +101,9 @@ def test_bicubic_baseline_matches_pil():
         assert out['sr'].shape == (3, 3, 7 * s, 9 * s) and out['trajectory'] == []
 
 def test_default_model_is_a_trained_one_when_its_checkpoint_exists():
-    from diffsr_kit.demo import default_model, models_available, DEFAULT_MODELS
+    from diffsr_kit.demo import default_model, models_available, default_models
     models, missing = models_available()
-    shipped = [n for n in DEFAULT_MODELS if n in models]
+    shipped = [n for n in default_models() if n in models]
     if (ASSETS_DIR / 'tiny_sr4_x4' / 'meta.json').exists(): assert 'sr4-x4' in shipped
     assert default_model(models, 4) == (shipped[0] if shipped else 'bicubic-x4')
     assert default_model({'bicubic-x4': models['bicubic-x4']}, 4) == 'bicubic-x4'  # nothing trained: bicubic

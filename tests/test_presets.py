@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffsr_kit.cli import load_run_config
-from diffsr_kit.dist import build_on_meta, estimate_run
+from diffsr_kit.train import load_run_config
+from diffsr_kit.plan import build_on_meta, estimate_run
 
 PRESETS = sorted(Path('configs/paper').glob('*.yaml'))
 

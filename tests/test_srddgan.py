@@ -1,4 +1,4 @@
-"SRDDGAN task: the posterior step against eq. 26-27 in float64, real pairs, Algorithm 1 phases, z diversity with LR consistency, checkpoints, config."
+"SRDDGAN task: the posterior step (samplers.ddpm_step, x0 prediction) against eq. 26-27 in float64, real pairs, Algorithm 1 phases, z diversity with LR consistency, checkpoints, config."
 import numpy as np
 import pytest
 import torch
@@ -7,14 +7,19 @@ import torch.nn.functional as F
 from diffsr_kit.config import load_config, ConfigError
 from diffsr_kit.core import seed_everything, from_model
 from diffsr_kit.schedules import Schedule, get_schedule
-from diffsr_kit.srddgan import (SRDDGANConfig, SRDDGANTask, check_srddgan_config, posterior_step, q_sample_pair,
-                                sample_diverse)
+from diffsr_kit.samplers import ddpm_step
+from diffsr_kit.srddgan import SRDDGANConfig, SRDDGANTask, check_srddgan_config, q_sample_pair, sample_diverse
 from diffsr_kit.train import load_task, save_checkpoint, train, find_checkpoint, TASKS
 
 TINY = ['model.base_ch=16', 'model.ch_mult=[1,2]', 'model.n_res=1', 'model.attn_res=[]', 'model.image_size=16',
         'model.z_dim=8', 'model.cond_ch=11', 'rrdb.nf=8', 'rrdb.nb=1', 'rrdb.gc=8', 'disc.base_ch=16', 'disc.ch_mult=[1,2]',
         'data.patch=16', 'data.batch=4', 'run.device=cpu']
 CPU = torch.device('cpu')
+
+
+def posterior_step(s, y0p, yt, t, **kw):
+    "The kit's one ancestral step with x0 prediction and the posterior variance: what SRDDGAN samples with (eq. 26-28)."
+    return ddpm_step(s, y0p, yt, t, param='x0', var_type='small', clip_x0=False, **kw)
 
 
 def tiny_cfg(*extra):
@@ -269,7 +274,7 @@ def test_train_two_steps_then_load(tmp_path):
 
 
 def test_preset_loads_and_bad_keys_are_named():
-    from diffsr_kit.cli import load_run_config
+    from diffsr_kit.train import load_run_config
     cfg = load_run_config('configs/tiny_srddgan_x4.yaml', [])
     assert isinstance(cfg, SRDDGANConfig) and cfg.task == 'srddgan'
     check_srddgan_config(cfg)
