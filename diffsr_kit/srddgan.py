@@ -120,7 +120,7 @@ def q_sample_pair(schedule: Schedule, # the T-step chain
     y_prev = ab_prev.sqrt() * y0 + (1 - ab_prev).sqrt() * e1
     return y_prev, schedule.q_step(y_prev, t, eps=e2)
 
-# %% ../nbs/api/32_srddgan.ipynb #0b9f6358
+# %% ../nbs/api/32_srddgan.ipynb #927ef3d3
 class DiffusionGANTask(Task):
     "What SRDDGAN and LDDPM share: x0' = G(..., x_t, z, t), the posterior chain of samplers.ddpm_step, D(x_{t-1}, x_t, t)."
     chain_key: str = ''         # the family's ChainGANConfig block in the run config: 'gan' (SRDDGAN) or 'lddpm'
@@ -220,6 +220,7 @@ class DiffusionGANTask(Task):
     def _check_sampler(self, sampler, why: str):
         if sampler not in (None, 'ddpm'): raise ValueError(f"sampler={sampler!r}: {why}; pass sampler=None or 'ddpm'.")
 
+# %% ../nbs/api/32_srddgan.ipynb #6042367d
 @register_task('srddgan')
 class SRDDGANTask(DiffusionGANTask):
     "SRDDGAN: G(x, y_t, z, t) -> y0', posterior sampling, D(y_{t-1}, y_t, t); Algorithm 1 (train) and 2 (predict)."

@@ -17,13 +17,15 @@ from safetensors.torch import save_file, load_file
 from .core import get_device, seed_everything, atomic_write, atomic_write_text, from_model, bf16_supported
 from .config import save_config, config_to_dict, config_from_dict, ConfigError, load_config, read_yaml_chain
 from . import dist
+from .checkpoint import (TrainingDiverged, diverged, flat_state, load_flat_state, nonfinite_tensors, read_weights,
+                                   rng_state, set_rng_state, save_checkpoint, find_checkpoint)
+from .cudagraph import CUDAGraphed, cuda_graphed
 
 # %% auto #0
 __all__ = ['TASKS', 'TASK_MODULES', 'OPTIMIZERS', 'PLAN_WINDOW', 'ARCH_SECTIONS', 'COMPILE_MODES', 'RUN_CHECKS', 'DataConfig',
            'OptimConfig', 'RunConfig', 'SampleConfig', 'Task', 'register_task', 'get_task', 'load_run_config', 'lr_at',
-           'make_optimizer', 'EMA', 'read_weights', 'save_checkpoint', 'find_checkpoint', 'load_task',
-           'export_checkpoint', 'make_dataset', 'get_batch', 'validate', 'TrainingDiverged', 'plan_steps',
-           'RunFolderBusy', 'RunLock', 'CUDAGraphed', 'cuda_graphed', 'check_run_config', 'train']
+           'make_optimizer', 'EMA', 'load_task', 'export_checkpoint', 'make_dataset', 'get_batch', 'validate',
+           'plan_steps', 'RunFolderBusy', 'RunLock', 'check_run_config', 'train']
 
 # %% ../nbs/api/30_train.ipynb #afe2100a
 @dataclass
@@ -208,97 +210,6 @@ class EMA:
             for be, b in zip(e.buffers(), m.buffers()): be.copy_(b)
         self.n += 1
 
-# %% ../nbs/api/30_train.ipynb #30148682
-def _flat_state(modules: dict[str, nn.Module], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    "One flat tensor dict `<module>.<name>` of every module's state (contiguous, CPU)."
-    out = {}
-    for k, m in modules.items():
-        m = getattr(m, '_orig_mod', m)  # a torch.compile wrapper saves its original module's names
-        for n, t in m.state_dict().items():
-            t = t.detach().cpu()
-            if dtype is not None and t.is_floating_point(): t = t.to(dtype)
-            out[f'{k}.{n}'] = t.contiguous().clone()
-    return out
-
-def _load_flat_state(modules: dict[str, nn.Module], flat: dict[str, torch.Tensor],
-                     optional: tuple = ()): # modules that may be absent from `flat` (Task.train_only): they keep their state
-    "Load a flat `<module>.<name>` dict into `modules` (strict; dtypes cast to the module's)."
-    for k, m in modules.items():
-        m = getattr(m, '_orig_mod', m)
-        sd = {n[len(k) + 1:]: t for n, t in flat.items() if n.startswith(k + '.')}
-        if k in optional and not sd: continue
-        ref = m.state_dict()
-        missing = sorted(set(ref) - set(sd))
-        if missing: raise KeyError(f"Checkpoint lacks {len(missing)} tensors of module '{k}' (e.g. {missing[:3]}); "
-                                   "was it written by a different model config?")
-        m.load_state_dict({n: sd[n].to(ref[n].dtype) for n in ref})
-
-def read_weights(f: Path) -> dict[str, torch.Tensor]:
-    "The tensors of a .safetensors file; a ValueError naming the file when it is truncated or not safetensors."
-    try: return load_file(str(f))
-    except FileNotFoundError: raise
-    except Exception as e:  # safetensors' own error type (SafetensorError) is not a ValueError
-        raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); the write was cut short or the "
-                         "file is damaged. Use another checkpoint (ckpt/step_*), or export / download it again.") from None
-
-def _nonfinite(modules: dict[str, nn.Module]) -> list[str]:
-    "Names '<module>.<tensor>' of floating-point parameters and buffers holding NaN or Inf."
-    return [f'{k}.{n}' for k, m in modules.items() for n, t in getattr(m, '_orig_mod', m).state_dict().items()
-            if t.is_floating_point() and not torch.isfinite(t).all()]
-
-def _rng_state() -> dict:
-    "Python, NumPy and torch RNG states as tensors and plain values."
-    st = {'torch': torch.get_rng_state(), 'python': repr(random.getstate()),
-          'numpy': torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-    st['numpy_pos'] = int(np.random.get_state()[2])
-    if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
-    return st
-
-def _set_rng_state(st: dict):
-    "Restore what `_rng_state` saved."
-    import ast
-    torch.set_rng_state(st['torch'])
-    v = ast.literal_eval(st['python']); random.setstate((v[0], tuple(v[1]), v[2]))
-    np.random.set_state(('MT19937', st['numpy'].numpy().astype(np.uint32), st['numpy_pos'], 0, 0.0))
-    if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
-
-def save_checkpoint(run_dir: str | Path, step: int, task: Task, ema: EMA | None, opts: dict, keep: int = 2,
-                    extra: dict | None = None, # more plain entries for state.pt (e.g. every rank's RNG state under torchrun)
-                   ) -> Path:
-    "Write checkpoint `step` of a run atomically; keep the newest `keep`; return its folder."
-    ck = Path(run_dir) / 'ckpt'; ck.mkdir(parents=True, exist_ok=True)
-    final = ck / f'step_{step:08d}'
-    tmp = ck / f'.tmp_step_{step:08d}_{os.getpid()}'
-    bad = _nonfinite(task.modules) + (_nonfinite(ema.modules) if ema is not None else [])
-    if bad:
-        good = (ck / 'latest').read_text().strip() if (ck / 'latest').exists() else 'none yet'
-        raise TrainingDiverged(f"Weights became non-finite by step {step} ({', '.join(bad[:3])}); checkpoint not written. Last good "
-                               f"checkpoint: {good}. Try a lower optim.lr, optim.grad_clip=1.0, a longer optim.warmup, or run.bf16=false.")
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-    try:
-        save_file(_flat_state(task.modules), str(tmp / 'model.safetensors'))
-        if ema is not None: save_file(_flat_state(ema.modules), str(tmp / 'ema.safetensors'))
-        torch.save({'step': step, 'opts': {k: o.state_dict() for k, o in opts.items()}, 'rng': _rng_state(),
-                    'ema_n': ema.n if ema is not None else 0, **(extra or {})}, tmp / 'state.pt')
-        (tmp / 'meta.json').write_text(json.dumps({'step': step, 'task': task.name, 'config': config_to_dict(task.cfg)}, indent=1))
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    atomic_write_text(ck / 'latest', final.name + '\n')
-    for old in sorted(p for p in ck.glob('step_*') if p.is_dir())[:-keep or None]:
-        if old != final: shutil.rmtree(old, ignore_errors=True)
-    return final
-
-def find_checkpoint(path: str | Path) -> Path:
-    "A checkpoint folder from a run folder (its latest), a `ckpt/` folder, or the checkpoint folder itself."
-    p = Path(path)
-    if not p.exists(): raise FileNotFoundError(f"No checkpoint at {p}. Pass a run folder, its ckpt/ folder or a ckpt/step_* folder.")
-    if (p / 'meta.json').exists(): return p
-    for ck in (p / 'ckpt', p):
-        if (ck / 'latest').exists(): return ck / (ck / 'latest').read_text().strip()
-    raise FileNotFoundError(f"{p} holds no checkpoint (no meta.json and no ckpt/latest). Train first, or pass a checkpoint folder.")
-
 # %% ../nbs/api/30_train.ipynb #3cc2bbfc
 def load_task(path: str | Path, # run folder, ckpt folder, or checkpoint folder
               device: str | torch.device | None = None,
@@ -312,8 +223,8 @@ def load_task(path: str | Path, # run folder, ckpt folder, or checkpoint folder
     task = cls(cfg, get_device(device), pretrained=False)
     f = ck / f'{weights}.safetensors'
     if not f.exists(): f = ck / 'model.safetensors'
-    _load_flat_state(task.modules, read_weights(f), optional=cls.train_only)
-    if bad := _nonfinite(task.modules):
+    load_flat_state(task.modules, read_weights(f), optional=cls.train_only)
+    if bad := nonfinite_tensors(task.modules):
         raise ValueError(f"{f} holds non-finite weights ({', '.join(bad[:3])}): the run diverged before this checkpoint. "
                          "Use an earlier checkpoint (ckpt/step_*) or retrain with a lower optim.lr.")
     for m in task.modules.values(): m.eval()
@@ -386,19 +297,8 @@ def validate(task: Task, val: dict, seed: int = 0, grid_path: Path | None = None
     return out
 
 # %% ../nbs/api/30_train.ipynb #c020671d
-class TrainingDiverged(RuntimeError):
-    "The loss became NaN or Inf."
-
 _OOM_HELP = ("CUDA ran out of memory. Reduce data.batch (and raise optim.accum to keep the global batch), "
              "or data.patch, or model.base_ch / model.ch_mult; keep run.bf16=true; try run.channels_last=true.")
-
-def _check_finite(loss: torch.Tensor, step: int, phase: str, run_dir: Path):
-    "Raise `TrainingDiverged` naming the step, the phase and the last good checkpoint."
-    if torch.isfinite(loss).all(): return
-    last = (run_dir / 'ckpt' / 'latest')
-    good = last.read_text().strip() if last.exists() else 'none yet'
-    raise TrainingDiverged(f"Loss of '{phase}' became {loss.item()} at step {step}; stopped. Last good checkpoint: {good}. "
-                           "Try a lower optim.lr, optim.grad_clip=1.0, a longer optim.warmup, or run.bf16=false.")
 
 # %% ../nbs/api/30_train.ipynb #4e482436
 _now = time.perf_counter  # the training loop's clock (seconds); tests replace it with a fake one
@@ -487,63 +387,7 @@ COMPILE_MODES: dict[str, str] = {  # run.compile -> what torch.compile does in t
     'max-autotune-no-cudagraphs': 'benchmark kernel choices, without CUDA graphs',
 }
 
-class CUDAGraphed(nn.Module):
-    "Inference wrapper: on CUDA each new input signature is captured once into a CUDA graph and replayed; elsewhere it just calls `net`."
-    def __init__(self, net: nn.Module, # the network (its other attributes and methods stay reachable through the wrapper)
-                 warmup: int = 2, # eager calls on a side stream before capture (cuDNN/cuBLAS choose their kernels)
-                ):
-        super().__init__()
-        self.net, self.warmup, self._graphs = net, warmup, {}
-
-    def __getattr__(self, name):
-        try: return super().__getattr__(name)
-        except AttributeError: return getattr(self._modules['net'], name)
-
-    @staticmethod
-    def _key(args, kwargs) -> tuple:
-        k = lambda v: ('T', tuple(v.shape), v.dtype, str(v.device)) if isinstance(v, torch.Tensor) else ('V', v)
-        return tuple(k(a) for a in args) + tuple((n, k(v)) for n, v in sorted(kwargs.items()))
-
-    def _capture(self, args, kwargs):
-        "(graph, static args, static kwargs, static output), or False when capture is not possible (then calls run eagerly)."
-        sa = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        sk = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in kwargs.items()}
-        try:
-            side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup): self.net(*sa, **sk)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph): out = self.net(*sa, **sk)
-            if not isinstance(out, torch.Tensor): return False
-            return graph, sa, sk, out
-        except Exception as e:  # e.g. a .item() inside the network: keep going without a graph
-            import warnings
-            warnings.warn(f"CUDA-graph capture of {type(self.net).__name__} failed ({type(e).__name__}: {e}); it runs eagerly.")
-            return False
-
-    def forward(self, *args, **kwargs):
-        ts = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
-        if self.training or torch.is_grad_enabled() or not ts or any(t.device.type != 'cuda' for t in ts):
-            return self.net(*args, **kwargs)
-        key = self._key(args, kwargs)
-        try: g = self._graphs.get(key)
-        except TypeError: return self.net(*args, **kwargs)  # an unhashable non-tensor argument
-        if g is None: g = self._graphs[key] = self._capture(args, kwargs)
-        if g is False: return self.net(*args, **kwargs)
-        graph, sa, sk, out = g
-        for d, v in zip(sa, args):
-            if isinstance(v, torch.Tensor): d.copy_(v)
-        for n, v in kwargs.items():
-            if isinstance(v, torch.Tensor): sk[n].copy_(v)
-        graph.replay()
-        return out.clone()
-
-def cuda_graphed(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    "The modules wrapped in `CUDAGraphed` (for a task's `predict`)."
-    return {k: CUDAGraphed(m) for k, m in modules.items()}
-
-# %% ../nbs/api/30_train.ipynb #3e63e990
+# %% ../nbs/api/30_train.ipynb #ee2a5af2
 def _autocast(device: torch.device, bf16: bool):
     "bf16 autocast when asked and `device` runs bf16 natively (`core.bf16_supported`); a no-op elsewhere."
     on = bf16 and device.type in ('cuda', 'cpu') and bf16_supported(device)
@@ -568,6 +412,7 @@ def _evaluate(task: Task, val: dict, seed: int, grid_path: Path, D: dist.DistInf
     v = task.evaluate({k: t[idx] for k, t in val.items()}, seed, grid_path if D.is_main else None)
     return dist.all_reduce_mean(v, weight=len(idx))
 
+# %% ../nbs/api/30_train.ipynb #a706e71b
 RUN_CHECKS = (  # (key, test, what the value must be): checked by `check_run_config`, in --dry-run and in every run
     ('run.steps', lambda v: v >= 1, 'at least 1'), ('run.max_minutes', lambda v: v >= 0, '>= 0 (0: no budget)'),
     ('run.log_every', lambda v: v >= 1, 'at least 1'), ('run.val_every', lambda v: v >= 0, '>= 0 (0: only at the end)'),
@@ -591,6 +436,156 @@ def check_run_config(cfg) -> None:
     if cfg.run.compile and cfg.run.compile not in COMPILE_MODES:
         raise ConfigError(f"Unknown run.compile '{cfg.run.compile}'; use '' (off) or one of {list(COMPILE_MODES)}.")
 
+# %% ../nbs/api/30_train.ipynb #093edff3
+@dataclass
+class _Run:
+    "What the phases of one training run share (built by `_setup`)."
+    cfg: object                  # the run config
+    D: dist.DistInfo             # this process's place in the job
+    device: torch.device         # where this rank trains
+    dir: Path                    # the run folder
+    n_micro: int                 # micro-batches per optimiser step on this rank
+    task: Task = None
+    groups: dict = None          # phase -> parameters (Task.param_groups)
+    opts: dict = None            # phase -> optimiser
+    ema: EMA | None = None
+    trained: dict = None         # modules some optimiser updates (their buffers follow rank 0)
+    ds: object = None            # the training dataset
+    val: dict = None             # the fixed validation batch
+    start: int = 0               # the step this process starts at (0, or the resumed checkpoint's)
+    plan: int = 0                # run.max_minutes planned as a step count (0: not planned yet / no budget)
+    used: float = 0.0            # minutes the run used before this process started
+    t0: float = 0.0              # `_now()` when this process started the loop
+    t_a: float | None = None     # the clock at PLAN_WINDOW[0]
+
+    def clock(self) -> float:
+        "Minutes of the run so far; rank 0's clock decides for every rank (a collective: call it on every rank alike)."
+        return self.used + dist.broadcast_float(_now() - self.t0) / 60
+
+    @property
+    def end(self) -> int:
+        "The step the run (and the learning-rate schedule) ends at: the budget's plan, else run.steps."
+        return self.plan or self.cfg.run.steps
+
+def _setup(cfg, cls, D: dist.DistInfo, resume: bool) -> _Run:
+    "Build the task, its optimisers and EMA from run.seed; resume them if asked; share rank 0's state; make the data."
+    r = _Run(cfg, D, dist.device_for(cfg.run.device, D), Path(cfg.run.out), dist.micro_steps(cfg.data.batch, cfg.optim.accum, D.world))
+    r.dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.run.seed)
+    r.task = task = cls(cfg, r.device)
+    if cfg.run.channels_last:
+        for m in task.modules.values(): m.to(memory_format=torch.channels_last)
+    r.groups = task.param_groups()
+    r.opts = {k: make_optimizer(ps, cfg.optim, r.device) for k, ps in r.groups.items()}
+    r.ema = EMA(task.modules, cfg.optim.ema) if cfg.optim.ema > 0 else None
+    rng_restored = _resume(r) if resume else False
+    r.trained = _trained_modules(task, r.groups)
+    if D.distributed:  # rank 0's weights everywhere, then one random stream per rank (dist.rank_seed)
+        dist.broadcast_state({**task.modules, **{f'ema.{k}': m for k, m in (r.ema.modules if r.ema else {}).items()}})
+        if not rng_restored: seed_everything(dist.rank_seed(cfg.run.seed, D.rank, r.start))
+    if D.is_main: save_config(cfg, r.dir / 'config.yaml')
+    task.ema_modules = r.ema.modules if r.ema is not None else task.modules
+    if getattr(getattr(cfg, 'sample', None), 'cuda_graph', False) and r.device.type == 'cuda':
+        task.ema_modules = cuda_graphed(task.ema_modules)
+    if cfg.run.compile:
+        for k, m in task.modules.items(): task.modules[k] = torch.compile(m, mode=cfg.run.compile)
+    r.ds = make_dataset(cfg.data, cfg.data.train, cfg.run.seed)
+    val_ds = make_dataset(cfg.data, cfg.data.val, cfg.run.seed + 1, length=cfg.data.val_images, train=False)
+    r.val = get_batch(val_ds, 0, cfg.data.val_images, r.device)
+    r.t0 = _now()
+    return r
+
+def _resume(r: _Run) -> bool:
+    "Load the run folder's latest checkpoint into the run (weights, EMA, optimisers, step, budget plan); whether the RNG was restored."
+    ck, task, D = find_checkpoint(r.dir), r.task, r.D
+    if diff := _arch_diff(json.loads((ck / 'meta.json').read_text())['config'], task.cfg):
+        raise ConfigError(f"--resume: the architecture differs from the run in {r.dir} ({'; '.join(diff[:4])}). "
+                          f"Resume with {r.dir / 'config.yaml'}, or set another run.out.")
+    load_flat_state(task.modules, read_weights(ck / 'model.safetensors'))
+    if r.ema is not None: load_flat_state(r.ema.modules, read_weights(ck / 'ema.safetensors'))
+    st = torch.load(ck / 'state.pt', weights_only=True)
+    for k, o in r.opts.items(): o.load_state_dict(st['opts'][k])
+    r.start, restored = st['step'], False
+    if not D.distributed: set_rng_state(st['rng']); restored = True
+    elif len(st.get('rng_ranks', [])) == D.world: set_rng_state(st['rng_ranks'][D.rank]); restored = True
+    if r.ema is not None: r.ema.n = int(st.get('ema_n', r.start))
+    r.plan, r.used = int(st.get('plan', 0)), float(st.get('minutes', 0.0))  # the budget's step plan and the minutes it has used
+    if D.is_main:
+        was = int(st.get('world', 1))
+        print(f'resumed from {ck} at step {r.start}' + (f' ({was} -> {D.world} processes)' if was != D.world else ''))
+    return restored
+
+# %% ../nbs/api/30_train.ipynb #3c545b5c
+def _plan_budget(r: _Run, step: int):
+    "Turn run.max_minutes into a step count once, from the pace between PLAN_WINDOW's steps (then --resume is exact)."
+    budget = r.cfg.run.max_minutes
+    if budget <= 0 or r.plan: return
+    if step == r.start + PLAN_WINDOW[0]: r.t_a = r.clock()
+    if step == r.start + PLAN_WINDOW[1] and r.t_a is not None:
+        r.plan = plan_steps(step, r.cfg.run.steps, r.clock(), budget, (r.clock() - r.t_a) * 60 / (PLAN_WINDOW[1] - PLAN_WINDOW[0]))
+        if r.D.is_main: print(f'budget of {budget:g} min planned as {r.plan} steps')
+
+def _optimise(r: _Run, step: int) -> dict:
+    "One optimiser step of every phase, in order (e.g. D then G): this rank's micro-batches, summed gradients, clip, step."
+    cfg, D, task = r.cfg, r.D, r.task
+    for m in task.modules.values(): m.train()
+    lr_now = lr_at(step, cfg.optim, r.end)
+    logs = {'step': step + 1, 'lr': lr_now}
+    for phase, opt in r.opts.items():
+        for g in opt.param_groups: g['lr'] = lr_now * task.lr_mult(phase)
+        opt.zero_grad(set_to_none=True)
+        bad = torch.zeros((), device=r.device)
+        for micro in range(r.n_micro):  # this rank's shard of the global batch (dist.micro_batch_ids)
+            batch = get_batch(r.ds, step * cfg.optim.accum + D.rank * r.n_micro + micro, cfg.data.batch, r.device)
+            if cfg.run.channels_last: batch = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()}
+            with _autocast(r.device, cfg.run.bf16):
+                loss, parts = task.loss(phase, batch, step)
+            if not D.distributed and not torch.isfinite(loss).all():
+                raise diverged(f"Loss of '{phase}' became {loss.item()}", step + 1, r.dir)
+            if D.distributed: bad = bad + (~torch.isfinite(loss.detach())).any()  # checked by all ranks together
+            (loss / cfg.optim.accum).backward()
+        if D.distributed and dist.all_reduce_grads(r.groups[phase], bad):
+            raise diverged(f"Loss of '{phase}' became non-finite on at least one rank", step + 1, r.dir)
+        if cfg.optim.grad_clip > 0:
+            parts[f'{phase}_grad_norm'] = float(torch.nn.utils.clip_grad_norm_(r.groups[phase], cfg.optim.grad_clip))
+        opt.step()
+        logs.update({k: float(v) for k, v in parts.items()})
+    if D.distributed:  # weights set from data on the first step (ActNorm, VQ codebooks) and buffers follow rank 0
+        if step == r.start: dist.broadcast_state(r.trained, buffers=False)
+        dist.broadcast_state(r.trained, params=False)
+    if r.ema is not None: r.ema.update(task.modules)
+    return logs
+
+def _log(r: _Run, logs: dict, bar):
+    "Average the logged numbers over the ranks and append them to log.csv (rank 0)."
+    if r.D.distributed: logs.update(dist.all_reduce_mean({k: v for k, v in logs.items() if k not in ('step', 'lr')}))
+    logs['seconds'] = round(time.perf_counter() - r.t0, 2)
+    if r.D.is_main: _log_row(r.dir / 'log.csv', logs)
+    bar.set_postfix({k: f'{v:.4g}' for k, v in logs.items() if 'loss' in k})
+
+def _validate(r: _Run, done: int, last: bool):
+    "Score the EMA weights on the fixed validation batch (after `Task.finish` on the last step); the training RNG is untouched."
+    task, D = r.task, r.D
+    for m in task.ema_modules.values(): m.eval()
+    with torch.random.fork_rng(devices=[r.device] if r.device.type == 'cuda' else []):
+        if last:
+            task.finish(r.ds, task.ema_modules)
+            if D.distributed: dist.broadcast_state({**task.modules, **(r.ema.modules if r.ema else {})}, params=False)
+        v = _evaluate(task, r.val, r.cfg.run.seed, r.dir / 'samples' / f'step_{done:08d}.png', D)
+    if D.is_main: _log_row(r.dir / 'val.csv', {'step': done, **v})
+
+def _checkpoint(r: _Run, done: int):
+    "Write checkpoint `done` (rank 0, after checking the ranks agree), with every rank's RNG and the budget's plan."
+    minutes = r.clock()  # on every rank: the clock is a collective (rank 0's time broadcast)
+    extra = {'plan': r.plan, 'minutes': minutes}
+    if not r.D.distributed: return save_checkpoint(r.dir, done, r.task, r.ema, r.opts, r.cfg.run.keep_ckpts, extra=extra)
+    dist.check_in_sync(r.task.modules, done)
+    rngs = dist.all_gather_object(rng_state())
+    if r.D.is_main: save_checkpoint(r.dir, done, r.task, r.ema, r.opts, r.cfg.run.keep_ckpts,
+                                    extra={'rng_ranks': rngs, 'world': r.D.world, **extra})
+    dist.barrier()  # nobody reads ckpt/latest before rank 0 has written it
+
+# %% ../nbs/api/30_train.ipynb #9f7eefee
 def train(cfg, # a run config (a task's `config_cls` instance)
           resume: bool = False, # continue from the run folder's latest checkpoint
           callback: Callable[[int, dict], None] | None = None, # called with (step, logs) after each step (on every rank)
@@ -604,125 +599,36 @@ def train(cfg, # a run config (a task's `config_cls` instance)
             _prepare_run_dir(Path(cfg.run.out), cfg, resume, overwrite, D)
             return _train(cfg, cls, D, resume, callback)
 
+def _due(every: int, done: int, last: bool) -> bool:
+    "Whether a periodic phase runs after step `done`: every `every` steps (0: never) and always on the last."
+    return last or (every > 0 and done % every == 0)
+
 def _train(cfg, cls, D: dist.DistInfo, resume: bool, callback) -> Path:
-    device = dist.device_for(cfg.run.device, D)
-    n_micro = dist.micro_steps(cfg.data.batch, cfg.optim.accum, D.world)  # micro-batches per step on this rank
-    run = Path(cfg.run.out); run.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.run.seed)
-    task = cls(cfg, device)
-    if cfg.run.channels_last:
-        for m in task.modules.values(): m.to(memory_format=torch.channels_last)
-    groups = task.param_groups()
-    opts = {k: make_optimizer(ps, cfg.optim, device) for k, ps in groups.items()}
-    ema = EMA(task.modules, cfg.optim.ema) if cfg.optim.ema > 0 else None
-    start, rng_restored, plan, used = 0, False, 0, 0.0
-    if resume:
-        ck = find_checkpoint(run)
-        if diff := _arch_diff(json.loads((ck / 'meta.json').read_text())['config'], task.cfg):
-            raise ConfigError(f"--resume: the architecture differs from the run in {run} ({'; '.join(diff[:4])}). "
-                              f"Resume with {run / 'config.yaml'}, or set another run.out.")
-        _load_flat_state(task.modules, read_weights(ck / 'model.safetensors'))
-        if ema is not None: _load_flat_state(ema.modules, read_weights(ck / 'ema.safetensors'))
-        st = torch.load(ck / 'state.pt', weights_only=True)
-        for k, o in opts.items(): o.load_state_dict(st['opts'][k])
-        start = st['step']
-        if not D.distributed: _set_rng_state(st['rng']); rng_restored = True
-        elif len(st.get('rng_ranks', [])) == D.world: _set_rng_state(st['rng_ranks'][D.rank]); rng_restored = True
-        if ema is not None: ema.n = int(st.get('ema_n', start))
-        plan, used = int(st.get('plan', 0)), float(st.get('minutes', 0.0))  # the budget's step plan and the minutes it has used
-        if D.is_main:
-            was = int(st.get('world', 1))
-            print(f'resumed from {ck} at step {start}' + (f' ({was} -> {D.world} processes)' if was != D.world else ''))
-    trained = _trained_modules(task, groups)
-    if D.distributed:  # rank 0's weights everywhere, then one random stream per rank (dist.rank_seed)
-        dist.broadcast_state({**task.modules, **{f'ema.{k}': m for k, m in (ema.modules if ema else {}).items()}})
-        if not rng_restored: seed_everything(dist.rank_seed(cfg.run.seed, D.rank, start))
-    if D.is_main: save_config(cfg, run / 'config.yaml')
-    task.ema_modules = ema.modules if ema is not None else task.modules
-    if getattr(getattr(cfg, 'sample', None), 'cuda_graph', False) and device.type == 'cuda':
-        task.ema_modules = cuda_graphed(task.ema_modules)
-    if cfg.run.compile:
-        for k, m in task.modules.items(): task.modules[k] = torch.compile(m, mode=cfg.run.compile)
-    ds = make_dataset(cfg.data, cfg.data.train, cfg.run.seed)
-    val_ds = make_dataset(cfg.data, cfg.data.val, cfg.run.seed + 1, length=cfg.data.val_images, train=False)
-    val = get_batch(val_ds, 0, cfg.data.val_images, device)
-    total, budget, t0 = cfg.run.steps, cfg.run.max_minutes, _now()
-    clock = lambda: used + dist.broadcast_float(_now() - t0) / 60  # minutes of the run; rank 0's clock decides for every rank
-    t_a = None
+    r = _setup(cfg, cls, D, resume)
     from tqdm.auto import tqdm
-    bar = tqdm(range(start, total), initial=start, total=total,
+    total, budget = cfg.run.steps, cfg.run.max_minutes
+    bar = tqdm(range(r.start, total), initial=r.start, total=total,
                disable=not cfg.run.progress or bool(os.environ.get('TQDM_DISABLE')) or not D.is_main, desc=cfg.task)
-    step = start
     try:
         for step in bar:
-            for m in task.modules.values(): m.train()
-            if budget > 0 and not plan:  # the wall-clock budget becomes a step count once, from the pace of PLAN_WINDOW
-                if step == start + PLAN_WINDOW[0]: t_a = clock()
-                if step == start + PLAN_WINDOW[1] and t_a is not None:
-                    plan = plan_steps(step, total, clock(), budget, (clock() - t_a) * 60 / (PLAN_WINDOW[1] - PLAN_WINDOW[0]))
-                    if D.is_main: print(f'budget of {budget:g} min planned as {plan} steps')
-            lr_now = lr_at(step, cfg.optim, plan or total)
-            logs = {'step': step + 1, 'lr': lr_now}
-            for phase, opt in opts.items():
-                for g in opt.param_groups: g['lr'] = lr_now * task.lr_mult(phase)
-                opt.zero_grad(set_to_none=True)
-                bad = torch.zeros((), device=device)
-                for micro in range(n_micro):  # this rank's shard of the global batch (dist.micro_batch_ids)
-                    batch = get_batch(ds, step * cfg.optim.accum + D.rank * n_micro + micro, cfg.data.batch, device)
-                    if cfg.run.channels_last: batch = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()}
-                    with _autocast(device, cfg.run.bf16):
-                        loss, parts = task.loss(phase, batch, step)
-                    if D.distributed: bad = bad + (~torch.isfinite(loss.detach())).any()  # checked by all ranks together
-                    else: _check_finite(loss, step + 1, phase, run)
-                    (loss / cfg.optim.accum).backward()
-                if D.distributed and dist.all_reduce_grads(groups[phase], bad):
-                    good = (run / 'ckpt' / 'latest').read_text().strip() if (run / 'ckpt' / 'latest').exists() else 'none yet'
-                    raise TrainingDiverged(f"Loss of '{phase}' became non-finite at step {step + 1} on at least one rank; stopped. "
-                                           f"Last good checkpoint: {good}. Try a lower optim.lr, optim.grad_clip=1.0, a longer "
-                                           "optim.warmup, or run.bf16=false.")
-                if cfg.optim.grad_clip > 0:
-                    parts[f'{phase}_grad_norm'] = float(torch.nn.utils.clip_grad_norm_(groups[phase], cfg.optim.grad_clip))
-                opt.step()
-                logs.update({k: float(v) for k, v in parts.items()})
-            if D.distributed:  # weights set from data on the first step (ActNorm, VQ codebooks) and buffers follow rank 0
-                if step == start: dist.broadcast_state(trained, buffers=False)
-                dist.broadcast_state(trained, params=False)
-            if ema is not None: ema.update(task.modules)
+            _plan_budget(r, step)                       # plan: the wall-clock budget becomes a step count, once
+            logs = _optimise(r, step)                   # step: every optimiser phase on this rank's shard
             done = step + 1
-            out_of_time = budget > 0 and done < (plan or total) and clock() >= budget  # the plan overran: stop anyway
-            last = done == (plan or total) or out_of_time
-            if done % cfg.run.log_every == 0 or last:
-                if D.distributed: logs.update(dist.all_reduce_mean({k: v for k, v in logs.items() if k not in ('step', 'lr')}))
-                logs['seconds'] = round(time.perf_counter() - t0, 2)
-                if D.is_main: _log_row(run / 'log.csv', logs)
-                bar.set_postfix({k: f'{v:.4g}' for k, v in logs.items() if 'loss' in k})
-            if (cfg.run.val_every and done % cfg.run.val_every == 0) or last:
-                for m in task.ema_modules.values(): m.eval()
-                with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):  # validation never moves the training RNG
-                    if last:
-                        task.finish(ds, task.ema_modules)
-                        if D.distributed: dist.broadcast_state({**task.modules, **(ema.modules if ema else {})}, params=False)
-                    v = _evaluate(task, val, cfg.run.seed, run / 'samples' / f'step_{done:08d}.png', D)
-                if D.is_main: _log_row(run / 'val.csv', {'step': done, **v})
-            if (cfg.run.ckpt_every and done % cfg.run.ckpt_every == 0) or last:
-                minutes = clock()  # on every rank: the clock is a collective (rank 0's time broadcast)
-                if D.distributed:
-                    dist.check_in_sync(task.modules, done)
-                    rngs = dist.all_gather_object(_rng_state())
-                    if D.is_main: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts,
-                                                  extra={'rng_ranks': rngs, 'world': D.world, 'plan': plan, 'minutes': minutes})
-                    dist.barrier()  # nobody reads ckpt/latest before rank 0 has written it
-                else: save_checkpoint(run, done, task, ema, opts, cfg.run.keep_ckpts, extra={'plan': plan, 'minutes': minutes})
+            out_of_time = budget > 0 and done < r.end and r.clock() >= budget  # the plan overran: stop anyway
+            last = done == r.end or out_of_time
+            if _due(cfg.run.log_every, done, last): _log(r, logs, bar)          # log
+            if _due(cfg.run.val_every, done, last): _validate(r, done, last)    # validate
+            if _due(cfg.run.ckpt_every, done, last): _checkpoint(r, done)       # checkpoint
             if callback is not None: callback(done, logs)
             if out_of_time:
-                if D.is_main: print(f'stopped at step {done}: wall-clock budget of {budget:g} min reached before the planned {plan or total}')
+                if D.is_main: print(f'stopped at step {done}: wall-clock budget of {budget:g} min reached before the planned {r.end}')
                 break
-            if plan and done == plan:
-                minutes = clock()  # every rank calls the clock (a collective), rank 0 prints
+            if r.plan and done == r.plan:
+                minutes = r.clock()  # every rank calls the clock (a collective), rank 0 prints
                 if D.is_main: print(f'stopped at step {done}: the {budget:g}-min budget\'s planned steps are done ({minutes:.1f} min)')
                 break
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(_OOM_HELP) from e
     finally:
         bar.close()
-    return run
+    return r.dir

@@ -7,6 +7,7 @@ from diffsr_kit.config import load_config, ConfigError
 from diffsr_kit.tasks import SRConfig, DDPMTask
 from diffsr_kit.train import train, load_task, find_checkpoint, TrainingDiverged, save_checkpoint, TASKS
 import diffsr_kit.train as train_mod
+import diffsr_kit.checkpoint as checkpoint_mod
 
 TINY = ['model.base_ch=8', 'model.ch_mult=[1,2]', 'model.attn_res=[]', 'model.image_size=16', 'model.n_res=1',
         'data.patch=16', 'data.batch=2', 'data.val_images=2', 'run.progress=false', 'run.log_every=1',
@@ -61,7 +62,7 @@ def test_interrupted_checkpoint_write_keeps_the_good_one(tmp_path, monkeypatch):
     good = find_checkpoint(run); before = weights(run)
     task = load_task(run); task.name = 'ddpm'
     def boom(*a, **k): raise OSError('disk full')
-    monkeypatch.setattr(train_mod, 'save_file', boom)
+    monkeypatch.setattr(checkpoint_mod, 'save_file', boom)  # the checkpoint module writes the files
     with pytest.raises(OSError, match='disk full'):
         save_checkpoint(run, 3, task, None, {})
     assert find_checkpoint(run) == good
