@@ -87,10 +87,11 @@ class Claim:
 
 # %% ../nbs/api/43_claims.ipynb #726fa665
 def _vgg19_missing() -> str:
-    from diffsr_kit.metrics import weights_file, shown_path
-    f = weights_file('vgg19')
-    return '' if f.is_file() else (f"needs ImageNet VGG-19 weights: {f.name} is not in {shown_path(f.parent)} "
-                                   "(diffsr_kit never downloads weights; copy the file there to run this arm)")
+    "'' when VGG-19's ImageNet weights are in the hub cache or can be downloaded now (first use), else why not."
+    from diffsr_kit.metrics import weights_file, download_weights, MissingWeightsError
+    if weights_file('vgg19').is_file(): return ''
+    try: download_weights('vgg19'); return ''
+    except MissingWeightsError as e: return 'needs ImageNet VGG-19 weights: ' + str(e).split(' On a machine')[0]
 
 REQUIREMENTS: dict = {'vgg19': _vgg19_missing}  # name -> () -> '' when available, else why not
 

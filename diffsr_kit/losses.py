@@ -44,7 +44,7 @@ def vgg19_weights_file() -> Path:
     return weights_file('vgg19')
 
 def load_vgg19_state() -> dict:
-    "torchvision's ImageNet VGG-19 state dict from the hub cache, never downloaded; `MissingWeightsError` if absent."
+    "torchvision's ImageNet VGG-19 state dict from the hub cache (downloaded on first use); `MissingWeightsError` if that fails."
     return load_backbone_state('vgg19')
 
 # %% ../nbs/api/20_losses.ipynb #8ed6c5a5

@@ -19,10 +19,11 @@ from .degrade import DegradeConfig, degrade
 # %% auto #0
 __all__ = ['Y_COEFFS', 'SSIM_SIGMA', 'SSIM_TRUNCATE', 'SSIM_K1', 'SSIM_K2', 'LPIPS_NETS', 'FID_MIN_SAMPLES', 'COLOUR_SPACES',
            'rgb_to_y', 'crop_borders', 'psnr', 'gaussian_window', 'gaussian_filter', 'ssim_map', 'ssim',
-           'grey_histogram', 'bicubic_degrade_fn', 'lr_psnr', 'consistency', 'MissingWeightsError', 'weights_file',
-           'shown_path', 'load_backbone_state', 'LPIPSMetric', 'SmallSampleWarning', 'recommend_kid', 'fid_from_feats',
-           'kid_from_feats', 'InceptionFeatures', 'FIDKID', 'pixel_std_map', 'mean_pairwise_lpips', 'count_params',
-           'time_per_image', 'describe_hardware', 'default_metric_implementations', 'ConventionCard', 'evaluate_batch']
+           'grey_histogram', 'bicubic_degrade_fn', 'lr_psnr', 'consistency', 'MissingWeightsError', 'offline',
+           'weights_file', 'shown_path', 'download_weights', 'load_backbone_state', 'LPIPSMetric', 'SmallSampleWarning',
+           'recommend_kid', 'fid_from_feats', 'kid_from_feats', 'InceptionFeatures', 'FIDKID', 'pixel_std_map',
+           'mean_pairwise_lpips', 'count_params', 'time_per_image', 'describe_hardware',
+           'default_metric_implementations', 'ConventionCard', 'evaluate_batch']
 
 # %% ../nbs/api/40_metrics.ipynb #3349ee77
 Y_COEFFS = (65.481, 128.553, 24.966)  # ITU-R BT.601, MATLAB rgb2ycbcr (studio swing), weights for R, G, B in [0,1]
@@ -200,7 +201,12 @@ def consistency(sr: torch.Tensor, # (N,C,H,W) SR output in [0,1]
 
 # %% ../nbs/api/40_metrics.ipynb #efec38b5
 class MissingWeightsError(FileNotFoundError):
-    "A pretrained weight file is not in the torch hub cache; the message says which file goes where."
+    "A pretrained weight file is not in the torch hub cache and could not be downloaded; the message says which file goes where."
+
+def offline(env: dict | None = None) -> bool:
+    "True when `DIFFSR_OFFLINE` is set to a true value: pretrained weights are then never downloaded."
+    v = str((os.environ if env is None else env).get('DIFFSR_OFFLINE', '')).strip().lower()
+    return v not in ('', '0', 'false', 'no')
 
 def _tv_weights(key: str):
     "torchvision's ImageNet weights enum for a backbone key."
@@ -222,18 +228,35 @@ def shown_path(p: Path) -> str:
     try: return '~/' + Path(p).relative_to(home).as_posix()
     except ValueError: return str(p)
 
+def _missing(key: str, path: Path, why: str) -> MissingWeightsError:
+    "The error that says why the file is not there and how to put it there by hand."
+    url, b = _tv_weights(key).url, _TV_BUILDERS[key]
+    return MissingWeightsError(
+        f"Pretrained weights file '{path.name}' is not in {shown_path(path.parent)} (torch.hub.get_dir()/checkpoints; set TORCH_HOME "
+        f"to use another cache) and {why}. On a machine with internet, run\n"
+        f"    python -c \"import torchvision; torchvision.models.{b}(weights='IMAGENET1K_V1')\"\n"
+        f"and copy ~/.cache/torch/hub/checkpoints/{path.name} into {shown_path(path.parent)}/ (or download {url} there). "
+        f"For tests and plumbing only, use mode='random' (results are labelled '-random').")
+
+def download_weights(key: str, # 'alex', 'vgg', 'vgg19' or 'inception'
+                     progress: bool = True, # tqdm bar of the download
+                    ) -> Path:
+    "Download torchvision's weights file for `key` into the hub cache (atomically, hash-checked as torchvision does); its path."
+    path, url = weights_file(key), _tv_weights(key).url
+    if offline(): raise _missing(key, path, "DIFFSR_OFFLINE is set, so nothing is downloaded")
+    m = torch.hub.HASH_REGEX.search(path.name)  # torchvision's files carry the first digits of their SHA-256 in the name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try: torch.hub.download_url_to_file(url, str(path), hash_prefix=m.group(1) if m else None, progress=progress)
+    except Exception as e:  # no network, a proxy, a refused connection, a hash mismatch: say so and how to do it by hand
+        raise _missing(key, path, f"downloading it from {url} failed ({type(e).__name__}: {e})") from None
+    return path
+
 def load_backbone_state(key: str, # 'alex', 'vgg', 'vgg19' or 'inception'
+                        progress: bool = True, # show the download's progress bar (first use only)
                        ) -> dict:
-    "torchvision's ImageNet state dict from the hub cache, never downloaded; `MissingWeightsError` if absent."
+    "torchvision's ImageNet state dict from the hub cache, downloaded there on first use; `MissingWeightsError` if that fails."
     path = weights_file(key)
-    if not path.is_file():
-        url, b = _tv_weights(key).url, _TV_BUILDERS[key]
-        raise MissingWeightsError(
-            f"Pretrained weights file '{path.name}' not found in {shown_path(path.parent)} (torch.hub.get_dir()/checkpoints; set TORCH_HOME "
-            f"to use another cache). diffsr_kit never downloads weights. On a machine with internet, run\n"
-            f"    python -c \"import torchvision; torchvision.models.{b}(weights='IMAGENET1K_V1')\"\n"
-            f"and copy ~/.cache/torch/hub/checkpoints/{path.name} into {shown_path(path.parent)}/ (or download {url} there). "
-            f"For tests and plumbing only, use mode='random' (results are labelled '-random').")
+    if not path.is_file(): download_weights(key, progress)
     return torch.load(path, map_location='cpu', weights_only=True)
 
 # %% ../nbs/api/40_metrics.ipynb #e7bb9c9d

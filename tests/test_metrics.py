@@ -189,6 +189,47 @@ def test_inception_missing_weights_error(empty_torch_home):
         InceptionFeatures('pretrained')
 
 
+def _standin_alexnet_features():
+    "torchvision's AlexNet features in its layout, random values (the real file cannot be fetched here)."
+    from torchvision.models import alexnet
+    torch.manual_seed(5)
+    return {k: v for k, v in alexnet(weights=None).state_dict().items() if k.startswith('features.')}
+
+
+def test_weights_are_downloaded_on_first_use_into_the_hub_cache(empty_torch_home, monkeypatch):
+    "No network here: torch.hub's downloader is replaced by a stand-in that records the call and writes the file."
+    from torchvision.models import AlexNet_Weights
+    monkeypatch.delenv('DIFFSR_OFFLINE', raising=False)
+    calls = []
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, dst, hash_prefix, progress)); torch.save(_standin_alexnet_features(), dst)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
+    m = LPIPSMetric('alex')
+    assert m.name == 'LPIPS-alex'
+    assert calls == [(AlexNet_Weights.IMAGENET1K_V1.url, str(empty_torch_home / 'hub' / 'checkpoints' / 'alexnet-owt-7be5be79.pth'),
+                      '7be5be79', True)]   # torchvision's URL, into torchvision's cache file, with its hash check
+    LPIPSMetric('alex')
+    assert len(calls) == 1                 # second use: from the cache
+
+
+def test_a_failed_download_is_reported_with_the_file_and_its_folder(empty_torch_home, monkeypatch):
+    import urllib.error
+    monkeypatch.delenv('DIFFSR_OFFLINE', raising=False)
+    def no_network(url, dst, hash_prefix=None, progress=True): raise urllib.error.URLError('Name or service not known')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    with pytest.raises(MissingWeightsError) as e: LPIPSMetric('vgg')
+    msg = str(e.value)
+    assert 'vgg16-397923af.pth' in msg and str(empty_torch_home / 'hub' / 'checkpoints') in msg
+    assert 'downloading it from https://download.pytorch.org/models/vgg16-397923af.pth failed (URLError' in msg
+    assert not (empty_torch_home / 'hub' / 'checkpoints' / 'vgg16-397923af.pth').exists()
+
+
+def test_offline_never_downloads(empty_torch_home, monkeypatch):
+    monkeypatch.setenv('DIFFSR_OFFLINE', '1')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **k: pytest.fail('downloaded while offline'))
+    with pytest.raises(MissingWeightsError, match='DIFFSR_OFFLINE is set'): InceptionFeatures('pretrained')
+
+
 def test_lpips_pretrained_loads_backbone_from_cache(empty_torch_home):
     "A stand-in AlexNet features file (torchvision layout, random values) is loaded exactly into the LPIPS trunk."
     from torchvision.models import alexnet
