@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/40_metrics.ipynb #05c98bf3
 from __future__ import annotations
-import datetime, os, platform, sys, time, warnings
+import datetime, functools, os, platform, sys, time, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from .degrade import DegradeConfig, degrade
 
 # %% auto #0
-__all__ = ['Y_COEFFS', 'SSIM_SIGMA', 'SSIM_TRUNCATE', 'SSIM_K1', 'SSIM_K2', 'LPIPS_NETS', 'FID_MIN_SAMPLES', 'COLOUR_SPACES',
-           'rgb_to_y', 'crop_borders', 'psnr', 'gaussian_window', 'gaussian_filter', 'ssim_map', 'ssim',
-           'grey_histogram', 'bicubic_degrade_fn', 'lr_psnr', 'consistency', 'MissingWeightsError', 'offline',
-           'weights_file', 'shown_path', 'download_weights', 'load_backbone_state', 'LPIPSMetric', 'SmallSampleWarning',
-           'recommend_kid', 'fid_from_feats', 'kid_from_feats', 'InceptionFeatures', 'FIDKID', 'pixel_std_map',
-           'mean_pairwise_lpips', 'count_params', 'time_per_image', 'describe_hardware',
+__all__ = ['Y_COEFFS', 'SSIM_SIGMA', 'SSIM_TRUNCATE', 'SSIM_K1', 'SSIM_K2', 'LPIPS_NETS', 'NIQE_SHIFTS', 'PRISTINE_MODALITIES',
+           'FID_MIN_SAMPLES', 'COLOUR_SPACES', 'rgb_to_y', 'crop_borders', 'psnr', 'gaussian_window', 'gaussian_filter',
+           'ssim_map', 'ssim', 'grey_histogram', 'bicubic_degrade_fn', 'lr_psnr', 'consistency', 'MissingWeightsError',
+           'offline', 'weights_file', 'shown_path', 'download_weights', 'load_backbone_state', 'LPIPSMetric', 'mscn',
+           'aggd_fit', 'niqe_block_features', 'niqe_features', 'NIQEModel', 'fit_niqe_model', 'kit_niqe_model', 'niqe',
+           'SmallSampleWarning', 'recommend_kid', 'fid_from_feats', 'kid_from_feats', 'InceptionFeatures', 'FIDKID',
+           'pixel_std_map', 'mean_pairwise_lpips', 'count_params', 'time_per_image', 'describe_hardware',
            'default_metric_implementations', 'ConventionCard', 'evaluate_batch']
 
 # %% ../nbs/api/40_metrics.ipynb #3349ee77
@@ -311,6 +312,130 @@ class LPIPSMetric:
         return self.model(sr.float(), hr.float(), normalize=True).flatten()
 
     def __repr__(self): return f'LPIPSMetric({self.name})'
+
+# %% ../nbs/api/40_metrics.ipynb #a61fcdaf
+_ALPHAS = np.arange(0.2, 10.0 + 1e-9, 0.001)  # the shape grid NIQE's moment matching searches (Mittal et al.'s code)
+
+def _gamma(x): 
+    from scipy.special import gamma
+    return gamma(x)
+
+_RHO = _gamma(2 / _ALPHAS) ** 2 / (_gamma(1 / _ALPHAS) * _gamma(3 / _ALPHAS))  # E|x|^2 / E[x^2] of a GGD of shape alpha
+
+def mscn(img: np.ndarray, # (H, W) grey image, float, [0, 255]
+         C: float = 1.0, # stabiliser (NIQE: 1 on the 0-255 scale)
+        ) -> tuple[np.ndarray, np.ndarray]: # (MSCN coefficients, local sigma), each (H, W)
+    "Mean-subtracted contrast-normalised coefficients (I - mu) / (sigma + C), 7x7 Gaussian window of std 7/6, edges replicated."
+    from scipy.ndimage import correlate
+    ax = np.arange(7) - 3
+    w = np.exp(-(ax[:, None] ** 2 + ax[None] ** 2) / (2 * (7 / 6) ** 2)); w /= w.sum()
+    mu = correlate(img, w, mode='nearest')
+    sigma = np.sqrt(np.abs(correlate(img * img, w, mode='nearest') - mu * mu))
+    return (img - mu) / (sigma + C), sigma
+
+def aggd_fit(x: np.ndarray) -> tuple[float, float, float]:
+    "(alpha, beta_left, beta_right) of an asymmetric generalised Gaussian by moment matching (NIQE/BRISQUE's estimator)."
+    x = x.ravel()
+    lstd, rstd = np.sqrt(np.mean(x[x < 0] ** 2)), np.sqrt(np.mean(x[x > 0] ** 2))
+    g = lstd / rstd
+    r = np.mean(np.abs(x)) ** 2 / np.mean(x ** 2)
+    rn = r * (g ** 3 + 1) * (g + 1) / (g ** 2 + 1) ** 2
+    a = float(_ALPHAS[np.argmin((_RHO - rn) ** 2)])
+    s = np.sqrt(_gamma(1 / a) / _gamma(3 / a))
+    return a, float(lstd * s), float(rstd * s)
+
+NIQE_SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))  # horizontal, vertical and the two diagonal neighbours
+
+def niqe_block_features(m: np.ndarray) -> np.ndarray:
+    "The 18 NIQE features of one block of MSCN coefficients: AGGD shape and scale, and 4 for each neighbour product."
+    a, bl, br = aggd_fit(m)
+    f = [a, (bl + br) / 2]
+    for sh in NIQE_SHIFTS:
+        a, bl, br = aggd_fit(m * np.roll(m, sh, axis=(0, 1)))
+        f += [a, (br - bl) * _gamma(2 / a) / _gamma(1 / a), bl, br]
+    return np.array(f)
+
+def niqe_features(img: np.ndarray, # (H, W) grey image, float, [0, 255]
+                  block: int = 32, # block side at full scale (NIQE: 96; the kit's 128-px crops need smaller)
+                 ) -> tuple[np.ndarray, np.ndarray]: # ((n_blocks, 36) features, (n_blocks,) sharpness)
+    "Per-block features at two scales (the image and its half, bicubic) and each block's sharpness (mean local sigma)."
+    H, W = (img.shape[0] // block) * block, (img.shape[1] // block) * block
+    if H == 0 or W == 0: raise ValueError(f"NIQE needs an image of at least {block}x{block} pixels, got {img.shape[1]}x{img.shape[0]}.")
+    im, feats, sharp = img[:H, :W].astype(np.float64), [], None
+    for s in (1, 2):
+        m, sigma = mscn(im)
+        b = block // s
+        feats.append(np.array([niqe_block_features(m[i:i + b, j:j + b]) for i in range(0, im.shape[0] - b + 1, b)
+                               for j in range(0, im.shape[1] - b + 1, b)]))
+        if s == 1: sharp = np.array([sigma[i:i + b, j:j + b].mean() for i in range(0, H, b) for j in range(0, W, b)])
+        im = _half(im)
+    return np.concatenate(feats, axis=1), sharp
+
+def _half(im: np.ndarray) -> np.ndarray:
+    "Bicubic downsampling by 2 with antialiasing (`degrade.resize`, MATLAB's imresize(0.5) default)."
+    from diffsr_kit.degrade import resize
+    t = torch.from_numpy(im)[None, None]
+    return resize(t, (im.shape[0] // 2, im.shape[1] // 2), 'bicubic')[0, 0].numpy()
+
+
+# %% ../nbs/api/40_metrics.ipynb #b060a39a
+@dataclass(frozen=True)
+class NIQEModel:
+    "The pristine multivariate Gaussian of NIQE's features, and where it came from."
+    mu: np.ndarray               # (36,) mean feature vector of the pristine blocks
+    cov: np.ndarray              # (36, 36) their covariance
+    block: int                   # block side it was fitted with (a test image must use the same)
+    images: tuple                # names of the images it was fitted on
+    n_blocks: int                # blocks kept (sharpness >= sharp_frac x the image's sharpest)
+
+    @property
+    def description(self) -> str:
+        return (f"NIQE (Mittal et al. 2013) with the kit's own pristine model: {len(self.images)} bundled train images "
+                f"(natural and texture), {self.n_blocks} blocks of {self.block}x{self.block}; not the published model, "
+                "so values compare models here, not with papers")
+
+def _grey255(x: torch.Tensor) -> np.ndarray:
+    "(C,H,W) in [0, 1] -> (H, W) float64 luminance in [0, 255] (BT.601; grey images as they are)."
+    x = x.detach().double().cpu().clamp(0, 1)
+    y = x[0] if x.shape[0] == 1 else 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    return (y * 255).numpy()
+
+def fit_niqe_model(images: dict, # name -> (C,H,W) tensor in [0, 1]: the pristine images
+                   block: int = 32, # block side
+                   sharp_frac: float = 0.75, # keep blocks whose sharpness is at least this fraction of the image's maximum
+                  ) -> NIQEModel:
+    "Fit NIQE's pristine MVG on the sharp blocks of `images` (Mittal et al.'s estimatemodelparam)."
+    feats = []
+    for x in images.values():
+        f, sharp = niqe_features(_grey255(x), block)
+        feats.append(f[sharp >= sharp_frac * sharp.max()])
+    F_ = np.concatenate(feats)
+    return NIQEModel(F_.mean(0), np.cov(F_, rowvar=False), block, tuple(images), len(F_))
+
+PRISTINE_MODALITIES = ('natural', 'texture')  # bundled train images the kit's NIQE model is fitted on
+
+@functools.lru_cache(maxsize=4)
+def kit_niqe_model(block: int = 32) -> NIQEModel:
+    "The kit's pristine model: the bundled train images of PRISTINE_MODALITIES that hold at least 2x2 blocks."
+    from diffsr_kit.data import SPLITS, IMAGES, load_image
+    from diffsr_kit.core import img2tensor
+    imgs = {n: img2tensor(load_image(n)) for n in SPLITS['train'] if IMAGES[n].modality in PRISTINE_MODALITIES}
+    return fit_niqe_model({n: x for n, x in imgs.items() if min(x.shape[-2:]) >= 2 * block}, block)
+
+def niqe(x: torch.Tensor, # (N,C,H,W) or (C,H,W) images in [0, 1]
+         model: NIQEModel | None = None, # the pristine model; None: kit_niqe_model()
+        ) -> torch.Tensor: # (N,) float64, lower = more natural
+    "NIQE of each image: the distance between its blocks' MVG and the pristine one (Mittal et al. 2013, eq. 10)."
+    model = model or kit_niqe_model()
+    xs = x[None] if x.ndim == 3 else x
+    out = []
+    for im in xs:
+        f, _ = niqe_features(_grey255(im), model.block)
+        mu, cov = f.mean(0), (np.cov(f, rowvar=False) if len(f) > 1 else np.zeros_like(model.cov))
+        d = model.mu - mu
+        out.append(float(np.sqrt(d @ np.linalg.pinv((model.cov + cov) / 2) @ d)))
+    return torch.tensor(out, dtype=torch.float64)
+
 
 # %% ../nbs/api/40_metrics.ipynb #cb2eb9d2
 FID_MIN_SAMPLES = 2000  # below this many images per set, report KID rather than FID

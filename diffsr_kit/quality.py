@@ -18,14 +18,14 @@ from .zoo import quality_rows
 from .degrade import DegradeConfig, degrade
 from .bench import held_out_crops, bicubic_sr, device_name
 from .metrics import (ConventionCard, LPIPSMetric, MissingWeightsError, bicubic_degrade_fn, count_params,
-                                evaluate_batch)
+                                evaluate_batch, kit_niqe_model, niqe)
 
 # %% auto #0
 __all__ = ['PROTOCOL', 'INFERENCE_EXCLUDED', 'QUALITY_METHODS', 'QUALITY_COLUMNS', 'QUALITY_HEADERS', 'QualityProtocol',
            'quantise8', 'protocol_lr', 'quality_images', 'Predictor', 'inference_params', 'load_bicubic',
            'load_checkpoint', 'QualityMethod', 'quality_methods', 'select_methods', 'method_status', 'lpips_or_reason',
            'MethodResult', 'run_methods', 'quality_card', 'format_quality_table', 'card_html', 'bench_quality',
-           'quality_markdown', 'write_quality']
+           'quality_markdown', 'perception_distortion_figure', 'write_quality']
 
 # %% ../nbs/api/42_quality.ipynb #44d489a2
 @dataclass(frozen=True)
@@ -175,17 +175,27 @@ class MethodResult:
     key: str                 # registry key
     method: QualityMethod    # the row definition (label, sampler, steps)
     sr: torch.Tensor         # (N,C,H,W) SR images in [0, 1], 8-bit levels
-    per_image: dict          # 'psnr', 'ssim', 'lr_psnr', 'consistency', 'lpips' -> list of N floats (lpips: None if absent)
+    per_image: dict          # 'psnr', 'ssim', 'lr_psnr', 'consistency', 'lpips', 'niqe' -> list of N floats (None if absent)
     params: int              # parameters of the modules predict runs
     sec_per_img: float       # wall time of predict per image, this machine
 
     def row(self) -> dict:
-        "The table row: method, steps, psnr, ssim, lpips, lr_psnr, params, sec_per_img (means; None where unavailable)."
+        "The table row: method, steps, psnr, ssim, lpips, niqe, lr_psnr, params, sec_per_img (means; None where unavailable)."
         mean = lambda k: None if self.per_image.get(k) is None else float(sum(self.per_image[k]) / len(self.per_image[k]))
         return dict(method=self.method.label, steps=self.method.steps, psnr=mean('psnr'), ssim=mean('ssim'),
-                    lpips=mean('lpips'), lr_psnr=mean('lr_psnr'), params=self.params, sec_per_img=self.sec_per_img)
+                    lpips=mean('lpips'), niqe=mean('niqe'), lr_psnr=mean('lr_psnr'), params=self.params,
+                    sec_per_img=self.sec_per_img)
 
 _METRIC_KEYS = {'PSNR': 'psnr', 'SSIM': 'ssim', 'LR-PSNR': 'lr_psnr', 'Consistency': 'consistency'}
+
+def _niqe_or_none(sr: torch.Tensor, card: ConventionCard) -> list | None:
+    "NIQE of each SR image with the kit's pristine model (noted on the card), or None when the images hold no NIQE block."
+    m = kit_niqe_model()
+    if min(sr.shape[-2:]) < m.block:
+        card.notes['niqe'] = f"not computed: the images are smaller than NIQE's {m.block}x{m.block} block"
+        return None
+    card.notes['niqe'] = m.description
+    return niqe(sr, m).tolist()
 
 def run_methods(hr: torch.Tensor, # (N,3,H,W) HR images in [0, 1] (8-bit levels)
                 methods: dict[str, QualityMethod], # e.g. select_methods('bicubic,regression')
@@ -223,12 +233,13 @@ def run_methods(hr: torch.Tensor, # (N,3,H,W) HR images in [0, 1] (8-bit levels)
         res = evaluate_batch(sr, hr, lr, card, bicubic_degrade_fn(protocol.scale), lpips_metric)
         per = {_METRIC_KEYS[k]: v for k, v in res.items() if k in _METRIC_KEYS}
         per['lpips'] = res[lpips_metric.name] if lpips_metric is not None else None
+        per['niqe'] = _niqe_or_none(sr, card)
         out.append(MethodResult(key, m, sr, per, pred.params, dt / len(hr)))
     return out
 
 # %% ../nbs/api/42_quality.ipynb #ca70d6cc
-QUALITY_COLUMNS = ('method', 'steps', 'psnr', 'ssim', 'lpips', 'lr_psnr', 'params', 'sec_per_img')  # row keys, in order
-QUALITY_HEADERS = ('Method', 'Steps', 'PSNR↑', 'SSIM↑', 'LPIPS↓', 'LR-PSNR↑', 'Params', 's/img')  # markdown headers
+QUALITY_COLUMNS = ('method', 'steps', 'psnr', 'ssim', 'lpips', 'niqe', 'lr_psnr', 'params', 'sec_per_img')  # row keys, in order
+QUALITY_HEADERS = ('Method', 'Steps', 'PSNR↑', 'SSIM↑', 'LPIPS↓', 'NIQE↓', 'LR-PSNR↑', 'Params', 's/img')  # markdown headers
 
 def quality_card(protocol: QualityProtocol, # the protocol the numbers follow
                  images: list[str], # names of the evaluated images
@@ -252,7 +263,7 @@ def quality_card(protocol: QualityProtocol, # the protocol the numbers follow
         'batching': f'up to {batch} images per predict call; seed {protocol.seed} seeds one generator per call'})
     return card
 
-_FORMATS = {'psnr': '{:.2f}', 'lr_psnr': '{:.2f}', 'ssim': '{:.4f}', 'lpips': '{:.4f}', 'sec_per_img': '{:.3g}'}
+_FORMATS = {'psnr': '{:.2f}', 'lr_psnr': '{:.2f}', 'ssim': '{:.4f}', 'lpips': '{:.4f}', 'niqe': '{:.2f}', 'sec_per_img': '{:.3g}'}
 
 def _fmt(key: str, v) -> str:
     if v is None: return '–'
@@ -318,23 +329,46 @@ def quality_markdown(res: dict, # bench_quality's result
     skipped = {k[len('skipped: '):]: v for k, v in c['notes'].items() if k.startswith('skipped: ')}
     parts = ['# SR quality under one protocol', '',
              f"Super-resolution of {c['n_images']} images; every number below follows the convention card at the end.",
-             'Higher is better for PSNR, SSIM and LR-PSNR; lower for LPIPS and s/img. “–”: not available (see the card).', '']
+             'Higher is better for PSNR, SSIM and LR-PSNR; lower for LPIPS, NIQE and s/img. “–”: not available (see the card).', '']
     if command: parts += [f'Command: `{command}`', '']
     parts += [format_quality_table(res['rows']), '']
+    if any(r.get('niqe') is not None for r in res['rows']):
+        parts += ['![PSNR against NIQE, one point per method](quality_pd.png)', '',
+                  'The perception-distortion plane (Blau and Michaeli 2018; NIQE axis inverted, so up-right is better on '
+                  'both): no method reaches the top right corner; blur moves a method right and down, detail that is '
+                  'not in the HR image up and left.', '']
     if skipped: parts += ['Skipped rows:', ''] + [f'* `{k}`: {v}' for k, v in skipped.items()] + ['']
     parts += ['## Convention card', '', card.to_markdown(), '']
     return '\n'.join(parts)
 
+def perception_distortion_figure(rows: list[dict], # rows of bench_quality (psnr and niqe used)
+                                 title: str = 'Perception-distortion plane'):
+    "PSNR (distortion: right is better) against NIQE (perception: the axis is inverted, up is better), one point per row."
+    import matplotlib.pyplot as plt
+    pts = [r for r in rows if r.get('psnr') is not None and r.get('niqe') is not None]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in pts:
+        ax.scatter(r['psnr'], r['niqe'], s=30)
+        ax.annotate(r['method'], (r['psnr'], r['niqe']), textcoords='offset points', xytext=(4, 4), fontsize=7)
+    ax.set(xlabel='PSNR (dB), higher: less distortion', ylabel='NIQE, lower: more natural statistics', title=title)
+    ax.invert_yaxis(); ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
 def write_quality(res: dict, # bench_quality's result
                   out: str | Path, # folder
                   command: str = '') -> dict[str, Path]:
-    "Write quality.md, quality.csv and quality.json into `out`; returns their paths."
+    "Write quality.md, quality.csv, quality.json and the perception-distortion plot quality_pd.png into `out`; their paths."
     from diffsr_kit.core import atomic_write_text
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=QUALITY_COLUMNS, lineterminator='\n')
     w.writeheader(); w.writerows([{k: ('' if r.get(k) is None else r.get(k)) for k in QUALITY_COLUMNS} for r in res['rows']])
-    paths = {'md': out / 'quality.md', 'csv': out / 'quality.csv', 'json': out / 'quality.json'}
+    paths = {'md': out / 'quality.md', 'csv': out / 'quality.csv', 'json': out / 'quality.json', 'pd': out / 'quality_pd.png'}
+    import matplotlib.pyplot as plt
+    from diffsr_kit.core import atomic_write
+    fig = perception_distortion_figure(res['rows'])
+    atomic_write(paths['pd'], lambda p: fig.savefig(p, format='png', dpi=100)); plt.close(fig)
     atomic_write_text(paths['md'], quality_markdown(res, command))
     atomic_write_text(paths['csv'], buf.getvalue())
     atomic_write_text(paths['json'], json.dumps(res, indent=1, default=str))

@@ -131,7 +131,7 @@ def sr_section(ctx: TourContext) -> Section:
     from matplotlib.patches import Rectangle
     from diffsr_kit.core import show_images, tensor2pil
     from diffsr_kit.quality import (QUALITY_METHODS, PROTOCOL, quality_card, lpips_or_reason, run_methods, protocol_lr,
-                                    quantise8, format_quality_table, card_html)
+                                    quantise8, format_quality_table, card_html, perception_distortion_figure)
     imgs = tour_sr_images(ctx.images, ctx.fast)
     names = list(imgs)
     hr = quantise8(torch.stack([imgs[n] for n in names]))
@@ -159,10 +159,15 @@ def sr_section(ctx: TourContext) -> Section:
         links = ' '.join(f'<a href="{html.escape(v)}">{html.escape(k)}</a>' for k, v in f.items())
         blocks.append(f'<h3>{html.escape(n)} ({IMAGES[n].modality})</h3>{_img(png, n)}<p>Full-size PNGs: {links}</p>')
     rows = [r.row() for r in res]
+    pd = _save_fig(perception_distortion_figure(rows), ctx.out / 'sr_perception_distortion.png')
     body = ('<p>Classic bicubic ×4 LR images, super-resolved by every shipped model (PSNR in each title). '
             'Higher PSNR rewards the average, not the detail: compare the zoomed windows.</p>' +
-            format_quality_table(rows, 'html') + '<h3>Convention card</h3>' + card_html(card) + ''.join(blocks))
-    per = {r.key: {n: {k: r.per_image[k][i] for k in ('psnr', 'ssim', 'lr_psnr')} for i, n in enumerate(names)} for r in res}
+            format_quality_table(rows, 'html') +
+            '<p>PSNR against NIQE (no reference image; the kit\'s own pristine model, see the card): a model cannot win '
+            'both at once: blur moves it right and down, invented detail up and left (Blau and Michaeli 2018).</p>' +
+            _img(pd, 'perception-distortion plane') + '<h3>Convention card</h3>' + card_html(card) + ''.join(blocks))
+    per = {r.key: {n: {k: r.per_image[k][i] for k in ('psnr', 'ssim', 'lr_psnr', 'niqe') if r.per_image.get(k)}
+                   for i, n in enumerate(names)} for r in res}
     return Section('Super-resolution, measured', body,
                    {'convention': card.to_dict(), 'rows': rows, 'per_image': per, 'files': files, 'steps': ctx.sr_steps})
 

@@ -385,3 +385,64 @@ def test_evaluate_batch(empty_torch_home):
         assert abs(out['PSNR'][i] - ref_p) < TOL and abs(out['SSIM'][i] - ref_s) < TOL
     assert 'LPIPS-random-alex' in card.to_markdown()
     assert set(evaluate_batch(S, H)) == {'PSNR', 'SSIM'}
+
+
+# ---- NIQE ------------------------------------------------------------------------------------------------
+
+def test_niqe_mscn_and_aggd_match_a_hand_computation():
+    """MSCN by an explicit loop (edge-replicated, the 7x7 Gaussian of std 7/6 written out here) and the AGGD shape by
+    root-finding NIQE's moment equation (scipy brentq) instead of the kit's 0.001 grid, on a small image."""
+    from scipy.optimize import brentq
+    from scipy.special import gamma as G
+    from scipy.ndimage import uniform_filter
+    from diffsr_kit.metrics import mscn, aggd_fit, niqe_block_features
+    rng = np.random.default_rng(0)
+    img = uniform_filter(rng.random((20, 24)) * 255, 3)  # a little spatial correlation, as in images
+    w = np.array([[np.exp(-(i * i + j * j) / (2 * (7 / 6) ** 2)) for j in range(-3, 4)] for i in range(-3, 4)]); w /= w.sum()
+    pad, pad2 = np.pad(img, 3, mode='edge'), np.pad(img * img, 3, mode='edge')
+    ref = np.zeros_like(img)
+    for i in range(img.shape[0]):
+        for j in range(img.shape[1]):
+            mu = (w * pad[i:i + 7, j:j + 7]).sum()
+            ref[i, j] = (img[i, j] - mu) / (np.sqrt(abs((w * pad2[i:i + 7, j:j + 7]).sum() - mu * mu)) + 1)
+    m, _ = mscn(img)
+    np.testing.assert_allclose(m, ref, atol=1e-10)
+    x = m.ravel()
+    lstd, rstd = np.sqrt(np.mean(x[x < 0] ** 2)), np.sqrt(np.mean(x[x > 0] ** 2))
+    g = lstd / rstd
+    rn = np.mean(np.abs(x)) ** 2 / np.mean(x ** 2) * (g ** 3 + 1) * (g + 1) / (g ** 2 + 1) ** 2
+    a_ref = brentq(lambda a: G(2 / a) ** 2 / (G(1 / a) * G(3 / a)) - rn, 0.2, 10)
+    a, bl, br = aggd_fit(m)
+    assert abs(a - a_ref) <= 1e-3
+    np.testing.assert_allclose([bl, br], [lstd * np.sqrt(G(1 / a_ref) / G(3 / a_ref)), rstd * np.sqrt(G(1 / a_ref) / G(3 / a_ref))], rtol=2e-3)
+    f = niqe_block_features(m)
+    assert f.shape == (18,) and f[0] == a and np.isclose(f[1], (bl + br) / 2)
+    h = x.reshape(m.shape) * np.roll(m, (0, 1), axis=(0, 1))   # the horizontal-neighbour product, as the paper's H pairs
+    np.testing.assert_allclose(f[2], aggd_fit(h)[0])
+
+
+def test_niqe_is_the_mahalanobis_like_distance_of_the_paper():
+    from diffsr_kit.metrics import NIQEModel, niqe, niqe_features
+    rng = np.random.default_rng(1)
+    A = rng.normal(size=(36, 36))
+    model = NIQEModel(rng.normal(size=36), A @ A.T / 36 + np.eye(36), 32, ('made-up',), 100)
+    x = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2))
+    f, _ = niqe_features((0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).double().numpy() * 255, 32)
+    assert f.shape == (6, 36)
+    d = model.mu - f.mean(0)
+    want = np.sqrt(d @ np.linalg.solve((model.cov + np.cov(f, rowvar=False)) / 2, d))  # eq. 10, the pooled covariance
+    assert niqe(x, model).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_niqe_orders_clean_blurred_noisy():
+    "On the bundled test crops: clean < bicubic x2 blur < Gaussian noise of std 0.1, on average, with the kit's model."
+    from diffsr_kit.metrics import niqe, kit_niqe_model
+    from diffsr_kit.bench import held_out_crops
+    from diffsr_kit.degrade import resize
+    m = kit_niqe_model()
+    assert m.images and m.n_blocks > 36 and 'not the published model' in m.description
+    x = torch.stack([v for v in held_out_crops('test', 128).values() if v.shape[0] == 3])
+    blur = resize(resize(x, 0.5, 'bicubic'), (128, 128), 'bicubic').clamp(0, 1)
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    c, b, n = (niqe(v).mean().item() for v in (x, blur, noisy))
+    assert c < b < n, (c, b, n)

@@ -182,14 +182,16 @@ def test_cli_json_schema_and_files(tmp_path):
     assert [list(row) for row in res['rows']] == [list(QUALITY_COLUMNS)] * 2
     for row in res['rows']:
         assert isinstance(row['method'], str) and isinstance(row['params'], int) and row['lpips'] is None
-        for k in ('psnr', 'ssim', 'lr_psnr', 'sec_per_img'): assert isinstance(row[k], float) and np.isfinite(row[k])
+        for k in ('psnr', 'ssim', 'niqe', 'lr_psnr', 'sec_per_img'): assert isinstance(row[k], float) and np.isfinite(row[k])
     c = res['convention']
+    assert 'not the published model' in c['notes']['niqe']
     assert (c['colour_space'], c['crop_border'], c['seeds'], c['n_images']) == ('RGB', 4, [0], 2)
     assert json.loads((out / 'quality.json').read_text()) == res
     lines = (out / 'quality.csv').read_text().strip().splitlines()
     assert lines[0] == ','.join(QUALITY_COLUMNS) and len(lines) == 3
     md = (out / 'quality.md').read_text()
-    assert '| Method | Steps | PSNR↑ | SSIM↑ | LPIPS↓ | LR-PSNR↑ | Params | s/img |' in md and '## Convention card' in md
+    assert '| Method | Steps | PSNR↑ | SSIM↑ | LPIPS↓ | NIQE↓ | LR-PSNR↑ | Params | s/img |' in md and '## Convention card' in md
+    assert '](quality_pd.png)' in md and (out / 'quality_pd.png').stat().st_size > 5000   # the perception-distortion plot
     assert f"| Bicubic | – | {res['rows'][0]['psnr']:.2f} |" in md
 
 
