@@ -23,9 +23,9 @@ from .diffusion import Diffusion, DiffusionConfig
 
 # %% auto #0
 __all__ = ['TRAIN_VARIANTS', 'device_name', 'time_fn', 'format_table', 'bench_degrade', 'held_out_crops', 'bicubic_sr',
-           'evaluate_sr', 'diffusers_scheduler', 'diffusers_loop', 'bench_sample', 'peak_flops', 'bench_train',
-           'RefUNetConfig', 'DiffusersRefConfig', 'DiffusersUNet', 'DiffusersUNetTask', 'reference_config',
-           'match_reference', 'bench_reference']
+           'held_out_tiles', 'evaluate_sr', 'diffusers_scheduler', 'diffusers_loop', 'bench_sample', 'peak_flops',
+           'bench_train', 'RefUNetConfig', 'DiffusersRefConfig', 'DiffusersUNet', 'DiffusersUNetTask',
+           'reference_config', 'match_reference', 'bench_reference']
 
 # %% ../nbs/api/41_bench.ipynb #9612fee6
 def _cpu_model() -> str:
@@ -138,29 +138,55 @@ def bicubic_sr(lr: torch.Tensor, # (N,C,h,w) in [-1, 1]
     from diffsr_kit.degrade import resize
     return resize(lr, (lr.shape[-2] * scale, lr.shape[-1] * scale), 'bicubic').clamp(-1, 1)
 
+def held_out_tiles(split: str = 'test', # split of the data registry
+                   size: int = 128, # square tile side
+                   per_image: int = 4, # up to this many non-overlapping tiles per image: 1, or a 2x2 block at the centre (4)
+                   channels: int = 3) -> dict[str, torch.Tensor]:
+    "name -> (k, C, size, size) tiles in [0, 1]: the centre 2x2 block of tiles where the image holds it, else its centre crop."
+    if per_image not in (1, 4): raise ValueError(f"per_image={per_image}: use 1 (the centre crop) or 4 (a 2x2 block of tiles).")
+    from diffsr_kit.data import SPLITS, load_image
+    from diffsr_kit.core import img2tensor
+    out = {}
+    for name in SPLITS[split]:
+        a = load_image(name, channels=channels)
+        H, W = a.shape[:2]
+        if min(H, W) < size: continue
+        k = 2 if per_image == 4 and min(H, W) >= 2 * size else 1
+        y, x = (H - k * size) // 2, (W - k * size) // 2
+        out[name] = torch.stack([img2tensor(a[y + i * size:y + (i + 1) * size, x + j * size:x + (j + 1) * size])
+                                 for i in range(k) for j in range(k)])
+    return out
+
 def evaluate_sr(predict, # callable (lr in [-1,1], seed) -> SR in [-1,1], e.g. a task's predict; None: bicubic
                 scale: int = 4, split: str = 'test', size: int = 128,
                 n_samples: int = 1, # samples per image averaged into one estimate (seeds 0..n-1)
                 crop_border: int | None = None, # None: `scale` pixels
-                y_channel: bool = False, steps: int | None = None, channels: int = 3, batch: int = 8) -> dict:
+                y_channel: bool = False, steps: int | None = None, channels: int = 3, batch: int = 8,
+                crops_per_image: int = 1, # 1: each image's centre crop; 4: up to 4 tiles per image (`held_out_tiles`), averaged per image
+               ) -> dict:
     "Mean and per-image PSNR, SSIM, LR-PSNR and consistency of `predict` on the held-out crops, with its convention card."
     from diffsr_kit.degrade import DegradeConfig, degrade
     from diffsr_kit.core import to_model, from_model
     from diffsr_kit.metrics import evaluate_batch, ConventionCard, bicubic_degrade_fn
-    crops = held_out_crops(split, size, channels)
-    names = list(crops)
-    hr = torch.stack([crops[n] for n in names])
+    if crops_per_image == 1: tiles = {n: c[None] for n, c in held_out_crops(split, size, channels).items()}
+    else: tiles = held_out_tiles(split, size, crops_per_image, channels)
+    names = list(tiles)
+    owner = torch.tensor([i for i, n in enumerate(names) for _ in range(len(tiles[n]))])  # tile -> its image
+    hr = torch.cat([tiles[n] for n in names])
     lr01, _ = degrade(hr, DegradeConfig(pipeline='classic', scale=scale), 0)
     card = ConventionCard(colour_space='Y' if y_channel else 'RGB', crop_border=scale if crop_border is None else crop_border,
                           steps=steps, seeds=list(range(n_samples)), n_images=len(names))
     srs = []
-    for i in range(0, len(names), batch):
+    for i in range(0, len(hr), batch):
         lr = to_model(lr01[i:i + batch])
         if predict is None: srs.append(from_model(bicubic_sr(lr, scale)))
         else: srs.append(torch.stack([from_model(predict(lr, seed=s)).float() for s in range(n_samples)]).mean(0))
     sr = torch.cat(srs).cpu()
     per = evaluate_batch(sr, hr, lr01, card=card, degrade_fn=bicubic_degrade_fn(scale))
     per = {k.lower().replace('-', '_'): v for k, v in per.items()}   # 'LR-PSNR' -> 'lr_psnr'
+    if len(owner) != len(names):  # tiles: the image stays the unit, each its tiles' mean
+        per = {k: [float(np.mean([v[t] for t in range(len(owner)) if owner[t] == i])) for i in range(len(names))] for k, v in per.items()}
+        card.notes['tiles'] = f'{len(owner)} tiles of {size}x{size} from {len(names)} images ({crops_per_image} per image where it holds them), averaged per image'
     mean = {k: float(np.mean(v)) for k, v in per.items()}
     return {'mean': mean, 'per_image': {k: v for k, v in per.items()}, 'names': names, 'card': card, 'sr': sr}
 

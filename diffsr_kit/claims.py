@@ -11,13 +11,16 @@ from typing import Sequence
 
 import torch
 
+import numpy as np
+
 from .core import atomic_write_text, repo_root
+from .stats import paired_differences, decide, ideal_bound
 
 # %% auto #0
-__all__ = ['METRICS', 'REQUIREMENTS', 'ARMS', 'CLAIMS', 'STEPS_UNCAPPED', 'TRAIN_DONE', 'Metric', 'Arm', 'Claim', 'unmet',
-           'claims_table', 'select_claims', 'check_registry', 'slug', 'run_dir', 'budget_overrides', 'arm_overrides',
-           'arm_config', 'check_arm', 'in_repo_root', 'verdict', 'train_and_evaluate', 'run_claims', 'build_report',
-           'claims_markdown', 'write_claims']
+__all__ = ['METRICS', 'REQUIREMENTS', 'ARMS', 'CLAIMS', 'STEPS_UNCAPPED', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'Metric', 'Arm',
+           'Claim', 'unmet', 'claims_table', 'select_claims', 'check_registry', 'slug', 'run_dir', 'budget_overrides',
+           'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'verdict', 'reference_bounds',
+           'train_and_evaluate', 'run_claims', 'build_report', 'claims_markdown', 'write_claims']
 
 # %% ../nbs/api/43_claims.ipynb #200d85fe
 @dataclass(frozen=True)
@@ -25,15 +28,14 @@ class Metric:
     "How a metric of `bench.evaluate_sr` enters a verdict."
     label: str                  # column name in tables
     higher: bool                # True: a larger value is better
-    tol: float                  # differences of at most this much are ties (metric units)
     fmt: str = '.2f'            # format of a value
     unit: str = ''              # printed after differences
 
 METRICS: dict[str, Metric] = {  # keys of evaluate_sr(...)['mean']
-    'psnr': Metric('PSNR', True, 0.05, '.2f', ' dB'),
-    'ssim': Metric('SSIM', True, 0.002, '.4f'),
-    'lr_psnr': Metric('LR-PSNR', True, 0.05, '.2f', ' dB'),
-    'consistency': Metric('Consistency', False, 1e-6, '.3g'),  # MSE(D(SR), LR) on [0, 1] (SR4, CG-DPM Table 1)
+    'psnr': Metric('PSNR', True, '.2f', ' dB'),
+    'ssim': Metric('SSIM', True, '.4f'),
+    'lr_psnr': Metric('LR-PSNR', True, '.2f', ' dB'),
+    'consistency': Metric('Consistency', False, '.3g'),  # MSE(D(SR), LR) on [0, 1] (SR4, CG-DPM Table 1)
 }
 
 # %% ../nbs/api/43_claims.ipynb #1325de0f
@@ -67,6 +69,8 @@ class Claim:
     metric: str = 'psnr'            # key of METRICS the verdict is computed on
     also: tuple = ('ssim',)         # further METRICS keys, each with its own verdict (reported, not decisive)
     note: str = ''                  # how the tiny re-run differs from the paper's setup
+    baseline: str = ''              # the arm checked against the ideal bound ('': the loser of the last expected pair)
+    kind: str = 'sample'            # stats.ideal_bound kind of the baseline: 'sample' (one posterior sample) | 'mean' | 'regressor'
 
     def expected(self) -> list[tuple[str, str]]:
         "Every (winner, loser) pair the claim asserts: all pairs across ranks of `order`, then `pairs`."
@@ -113,6 +117,11 @@ def _registry() -> dict[str, Arm]:
     arms += [Arm('sr3:linear+direct@ddim50', _P['sr3'], (), 'ddim', 50, run='sr3:linear+direct'),
              Arm('sr3:cosine+direct@ddim50', _P['sr3'], _SR3_RUNS['sr3:cosine+direct'], 'ddim', 50, run='sr3:cosine+direct'),
              Arm('sr4@ddim10', _P['sr4'], (), 'ddim', 10, run='sr4'),
+             # SR4 Table 1's step claim: two models trained with T = 2000 and T = 500, each at its own full chain and at DDIM-50
+             Arm('sr3:T2000@full', _P['sr3'], ('diffusion.T=2000',), 'ddpm', 2000, run='sr3:T2000'),
+             Arm('sr3:T500@full', _P['sr3'], ('diffusion.T=500',), 'ddpm', 500, run='sr3:T500'),
+             Arm('sr3:T2000@ddim50', _P['sr3'], ('diffusion.T=2000',), 'ddim', 50, run='sr3:T2000'),
+             Arm('sr3:T500@ddim50', _P['sr3'], ('diffusion.T=500',), 'ddim', 50, run='sr3:T500'),
              Arm('vae-ddpm', _P['vae_ddpm'], (), 'ddim', 50), Arm('vqvae-ddpm', _P['vqvae_ddpm'], (), 'ddim', 50),
              Arm('unet:middle', _P['sr3'], ('model.cond=middle',), 'ddim', 50),
              Arm('unet:multiscale', _P['sr3'], ('model.cond=multiscale',), 'ddim', 50),
@@ -145,9 +154,14 @@ _LD_NOTE = ("Rows are lddpm.ABLATION_ROWS on configs/tiny_lddpm_x4.yaml (T = 4, 
 CLAIMS: dict[str, Claim] = {c.id: c for c in [
     Claim('sr4_steps', 'SR4 Table 1', "Fewer diffusion steps degrade SR3 ('we prove the degradation effect of fewer diffusion "
           "steps (500)', sec. 6)",
-          {'sr3:linear+direct@ddim50': _SR4_ROWS['baseline'], 'sr3:linear+direct@ddim10': _SR4_ROWS['500']},
-          order=('sr3:linear+direct@ddim50', 'sr3:linear+direct@ddim10'), also=('ssim', 'consistency'),
-          note=_SR4_NOTE + " One SR3 model, sampled both ways."),
+          {'sr3:T2000@full': _SR4_ROWS['baseline'], 'sr3:T500@full': _SR4_ROWS['500']},
+          pairs=(('sr3:T2000@full', 'sr3:T500@full'), ('sr3:T2000@ddim50', 'sr3:T500@ddim50')), also=('ssim', 'consistency'),
+          note="As SR4 Table 1: two SR3 models trained with T = 2000 and T = 500 (everything else equal), each sampled over its "
+               "own full chain (DDPM-2000 / DDPM-500), and both at DDIM-50 (the arms differ only in T)."),
+    Claim('sr4_steps_respacing', 'kit (not a paper claim)', "One model sampled with fewer steps: DDIM-50 against DDIM-10 of the "
+          "same T = 1000 SR3. Not SR4's comparison (SR4 trains separate models); respacing alone moves PSNR",
+          {}, order=('sr3:linear+direct@ddim50', 'sr3:linear+direct@ddim10'), also=('ssim', 'consistency'),
+          note="The arms differ only in the number of DDIM steps; the training is shared."),
     Claim('sr4_cosine', 'SR4 Table 1', "The cosine schedule beats the linear one at reduced steps ('the effectiveness of the "
           "cosine scheduler under this condition', sec. 6)",
           {'sr3:cosine+direct@ddim10': _SR4_ROWS['cos'], 'sr3:linear+direct@ddim10': _SR4_ROWS['500']},
@@ -261,9 +275,9 @@ def slug(name: str) -> str:
 # %% ../nbs/api/43_claims.ipynb #4d9f5f4f
 STEPS_UNCAPPED = 10_000_000  # run.steps when only the wall-clock budget stops training
 
-def run_dir(runs_dir: str | Path, run_key: str) -> Path:
-    "The run folder of a training run."
-    return Path(runs_dir) / slug(run_key)
+def run_dir(runs_dir: str | Path, run_key: str, seed: int = 0) -> Path:
+    "The run folder of a training run with training seed `seed` (seed 0 keeps the bare name)."
+    return Path(runs_dir) / (slug(run_key) + (f'_seed{seed}' if seed else ''))
 
 def budget_overrides(out: str | Path, minutes: float, steps_cap: int | None = None) -> list[str]:
     "The overrides every arm gets: output folder, wall-clock budget, step cap, end-only validation and checkpoint."
@@ -275,19 +289,20 @@ def budget_overrides(out: str | Path, minutes: float, steps_cap: int | None = No
 def arm_overrides(arm: Arm, runs_dir: str | Path = 'runs/claims', minutes: float = 3.0, steps_cap: int | None = None,
                   extra: Sequence[str] = (), # key=value applied to every arm after its own (e.g. tiny test sizes)
                   registry: dict[str, Arm] | None = None, # where `arm.base` is looked up (default ARMS)
+                  seed: int = 0, # training seed (run.seed; a base arm's run of the same seed)
                  ) -> list[str]:
-    "The arm's overrides, then `extra`, then its base's run folder, then the budget."
+    "The arm's overrides, then `extra`, then its base's run folder, then the budget (and run.seed for seeds > 0)."
     ov = list(arm.overrides) + list(extra)
     if arm.base:
         base = (ARMS if registry is None else registry)[arm.base]
-        ov.append(f'{arm.base_key}={run_dir(runs_dir, base.run_key)}')
-    return ov + budget_overrides(run_dir(runs_dir, arm.run_key), minutes, steps_cap)
+        ov.append(f'{arm.base_key}={run_dir(runs_dir, base.run_key, seed)}')
+    return ov + budget_overrides(run_dir(runs_dir, arm.run_key, seed), minutes, steps_cap) + ([f'run.seed={seed}'] if seed else [])
 
 def arm_config(arm: Arm, runs_dir: str | Path = 'runs/claims', minutes: float = 3.0, steps_cap: int | None = None,
-               extra: Sequence[str] = (), registry: dict[str, Arm] | None = None):
+               extra: Sequence[str] = (), registry: dict[str, Arm] | None = None, seed: int = 0):
     "The run config of `arm` (preset + overrides + budget), validated key by key."
     from diffsr_kit.train import load_run_config
-    return load_run_config(str(repo_root() / arm.preset), arm_overrides(arm, runs_dir, minutes, steps_cap, extra, registry))
+    return load_run_config(str(repo_root() / arm.preset), arm_overrides(arm, runs_dir, minutes, steps_cap, extra, registry, seed))
 
 def check_arm(arm: Arm, runs_dir: str | Path = 'runs/claims', extra: Sequence[str] = (), registry: dict[str, Arm] | None = None):
     "The arm's config after building its task on the CPU (cross-field checks); pretrained parts are loaded only if present."
@@ -306,34 +321,62 @@ def in_repo_root():
     finally: os.chdir(cwd)
 
 # %% ../nbs/api/43_claims.ipynb #db61dc64
+def _samples(rec: dict, m: str) -> np.ndarray:
+    "An arm's metric as (training seeds, images, sampling seeds): `samples`, else its per-image list, else its mean."
+    if m in rec.get('samples', {}): return np.asarray(rec['samples'][m], dtype=np.float64)
+    if m in rec.get('per_image', {}): return np.asarray(rec['per_image'][m], dtype=np.float64)[None, :, None]
+    return np.asarray([[[rec[m]]]], dtype=np.float64)
+
+UNDERTRAINED_MARGIN = 1.0  # dB: a baseline further than this below its ideal bound makes the claim 'undertrained' (no verdict)
+
 def verdict(claim: Claim, # the claim
-            measured: dict, # arm name -> {'status': 'ok', metric: mean, 'per_image': {metric: [...]}} or {'status': ..., 'reason': ...}
+            measured: dict, # arm name -> {'status': 'ok', metric: mean, 'samples': {metric: (S, N, K)}} or {'status', 'reason'}
             metric: str | None = None, # METRICS key (default: claim.metric)
-            tol: float | None = None, # tie margin (default: METRICS[metric].tol)
+            bounds: dict | None = None, # {'bicubic': dB, 'regression': dB} on the same images (`reference_bounds`); None: no check
+            level: float = 0.95, # coverage of the bootstrap intervals
            ) -> dict:
-    "Did the measured numbers reproduce the claim's direction? {'verdict': 'yes'|'no'|'mixed'|'not run: ...', 'pairs': [...]}."
+    "held / reversed / undecided from paired per-image differences with bootstrap intervals (stats.decide); undertrained first."
     m = metric or claim.metric
     M = METRICS[m]
-    tol = M.tol if tol is None else tol
     missing = [a for a in claim.arms if measured.get(a, {}).get('status') != 'ok' or m not in measured[a]]
     if missing:
         by_reason: dict[str, list[str]] = {}
         for a in missing: by_reason.setdefault(measured.get(a, {}).get('reason') or 'no result', []).append(a)
         why = '; '.join(f"{', '.join(arms)}: {r}" for r, arms in by_reason.items())
-        return {'verdict': f'not run: {why}', 'metric': m, 'tol': tol, 'held': 0, 'n': len(claim.expected()), 'pairs': []}
+        return {'verdict': f'not run: {why}', 'metric': m, 'held': 0, 'n': len(claim.expected()), 'pairs': [], 'why': ''}
     sign = 1.0 if M.higher else -1.0
     pairs = []
     for w, l in claim.expected():
-        a, b = float(measured[w][m]), float(measured[l][m])
-        gain = sign * (a - b)
-        pi_w, pi_l = (measured[x].get('per_image', {}).get(m) for x in (w, l))
-        won = sum(sign * (x - y) > 0 for x, y in zip(pi_w, pi_l)) if pi_w and pi_l else None
-        pairs.append(dict(winner=w, loser=l, winner_value=a, loser_value=b, gain=gain,
-                          outcome='held' if gain > tol else 'tie' if abs(gain) <= tol else 'reversed',
-                          images_won=won, images=len(pi_w) if pi_w else None))
-    held = sum(p['outcome'] == 'held' for p in pairs)
-    v = 'yes' if held == len(pairs) else 'no' if held == 0 else 'mixed'
-    return {'verdict': v, 'metric': m, 'tol': tol, 'held': held, 'n': len(pairs), 'pairs': pairs}
+        d = sign * paired_differences(_samples(measured[w], m), _samples(measured[l], m))  # (seeds, images): > 0 favours w
+        v = decide(d, level=level)
+        pairs.append(dict(winner=w, loser=l, winner_value=float(measured[w][m]), loser_value=float(measured[l][m]), gain=v.mean,
+                          low=v.low, high=v.high, outcome=v.verdict, images_won=int((d.mean(0) > 0).sum()), images=v.n_images,
+                          seeds=v.n_seeds))
+    base, why = claim.baseline or claim.expected()[-1][1], ''
+    if m == 'psnr' and bounds and bounds.get('regression') is not None:
+        bound = ideal_bound(claim.kind, bounds['regression'], bounds['bicubic'])
+        if float(measured[base]['psnr']) < bound - UNDERTRAINED_MARGIN:
+            why = (f"baseline {base} {float(measured[base]['psnr']):.2f} dB is {bound - float(measured[base]['psnr']):.2f} dB below the "
+                   f"ideal bound {bound:.2f} dB ({claim.kind}; allowed {UNDERTRAINED_MARGIN:g})")
+    out = {p['outcome'] for p in pairs}
+    v = 'undertrained' if why else 'held' if out == {'held'} else 'reversed' if out == {'reversed'} else 'undecided'
+    return {'verdict': v, 'metric': m, 'held': sum(p['outcome'] == 'held' for p in pairs), 'n': len(pairs), 'pairs': pairs,
+            'why': why, 'level': level}
+
+def reference_bounds(size: int = 128, # HR crop side of the evaluation
+                     crops: int = 4, # tiles per image, as the arms are evaluated
+                    ) -> dict:
+    "Bicubic's and the shipped regression model's PSNR on the claims' images: what `stats.ideal_bound` builds on."
+    from diffsr_kit.bench import evaluate_sr
+    from diffsr_kit.core import assets_dir
+    from diffsr_kit.train import load_task
+    out = {'bicubic': evaluate_sr(None, size=size, crops_per_image=crops)['mean']['psnr'], 'regression': None}
+    p = assets_dir() / 'tiny_regression_x4'
+    if (p / 'meta.json').exists():
+        t = load_task(p, 'cpu')
+        out['regression'] = evaluate_sr(lambda lr, seed: t.predict(lr), size=size, crops_per_image=crops)['mean']['psnr']
+        out['regression_from'] = 'assets/tiny_regression_x4'
+    return out
 
 # %% ../nbs/api/43_claims.ipynb #10aff83d
 TRAIN_DONE = 'train_done.json'  # written into a run folder when its training finished
@@ -354,6 +397,11 @@ def _train_key(arm: Arm, ov: list[str], base_done: dict | None) -> dict:
     "What a finished training must match to be reused: preset, every override, and the base run's finish stamp."
     return {'preset': arm.preset, 'overrides': list(ov), 'base': (base_done or {}).get('finished')}
 
+def _eval_key(a: Arm, done: dict, size: int, sample_seeds: int, crops: int) -> dict:
+    "What a stored evaluation must match to be reused."
+    return {'trained': done['finished'], 'sampler': a.sampler, 'steps': a.steps, 'size': size, 'sample_seeds': sample_seeds,
+            'crops': crops}
+
 def train_and_evaluate(arms: Sequence[Arm], # arms of ONE training run
                        runs_dir: str | Path = 'runs/claims', minutes: float = 3.0, steps_cap: int | None = None,
                        extra: Sequence[str] = (), # key=value applied to every arm
@@ -361,6 +409,9 @@ def train_and_evaluate(arms: Sequence[Arm], # arms of ONE training run
                        force: bool = False, # retrain even when a finished identical training is there
                        base_done: dict | None = None, # train_done.json of the base arm's run (dependent arms)
                        registry: dict[str, Arm] | None = None, # where bases are looked up (default ARMS)
+                       seed: int = 0, # training seed (its own run folder, `run_dir(..., seed)`)
+                       sample_seeds: int = 1, # sampling seeds 0..K-1 per image: the same noise for every arm
+                       crops: int = 1, # tiles per test image (`bench.held_out_tiles`), averaged per image
                       ) -> dict:
     "Train the run the `arms` share (reusing a finished identical one) and evaluate each arm; {'train': ..., 'evals': {arm: ...}}."
     from safetensors.torch import save_file
@@ -369,12 +420,12 @@ def train_and_evaluate(arms: Sequence[Arm], # arms of ONE training run
     from diffsr_kit.core import get_device
     if len({a.run_key for a in arms}) != 1: raise ValueError(f"Arms {[a.name for a in arms]} belong to different runs; pass one run's arms.")
     runs_dir = Path(runs_dir).resolve()
-    a0, rd = arms[0], run_dir(runs_dir, arms[0].run_key)
-    ov = arm_overrides(a0, runs_dir, minutes, steps_cap, extra, registry)
+    a0, rd = arms[0], run_dir(runs_dir, arms[0].run_key, seed)
+    ov = arm_overrides(a0, runs_dir, minutes, steps_cap, extra, registry, seed)
     key, done = _train_key(a0, ov, base_done), _read_json(rd / TRAIN_DONE)
     if force or done is None or done.get('key') != key or not (rd / 'ckpt' / 'latest').exists():
         if rd.exists(): shutil.rmtree(rd)
-        cfg = arm_config(a0, runs_dir, minutes, steps_cap, extra, registry)
+        cfg = arm_config(a0, runs_dir, minutes, steps_cap, extra, registry, seed)
         t0 = time.perf_counter()
         with in_repo_root(): train(cfg)
         wall = time.perf_counter() - t0
@@ -385,19 +436,23 @@ def train_and_evaluate(arms: Sequence[Arm], # arms of ONE training run
         atomic_write_text(rd / TRAIN_DONE, json.dumps(done, indent=1))
     evals, task = {}, None
     for a in arms:
-        ek = {'trained': done['finished'], 'sampler': a.sampler, 'steps': a.steps, 'size': size}
+        ek = _eval_key(a, done, size, sample_seeds, crops)
         f = rd / f'eval_{slug(a.name)}.json'
         r = _read_json(f)
         if r is None or r.get('key') != ek:
             if task is None:
                 with in_repo_root(): task = load_task(rd)
             kw = {k: v for k, v in dict(sampler=a.sampler, steps=a.steps).items() if v is not None}
-            pred = lambda lr, seed: task.predict(lr.to(task.device), seed=seed, **kw).cpu()
-            t0 = time.perf_counter()
-            res = evaluate_sr(pred, scale=task.cfg.data.scale, split='test', size=size, channels=task.cfg.data.channels,
-                              steps=kw.get('steps', task.cfg.sample.steps))
-            save_file({'sr': res['sr'].float().contiguous()}, str(rd / f'sr_{slug(a.name)}.safetensors'))
-            r = dict(key=ek, arm=a.name, mean=res['mean'], per_image=res['per_image'], names=res['names'],
+            t0, by_seed = time.perf_counter(), []
+            for k in range(sample_seeds):  # sampling seed k for every image: the same initial noise in every arm
+                pred = lambda lr, seed, k=k: task.predict(lr.to(task.device), seed=k, **kw).cpu()
+                res = evaluate_sr(pred, scale=task.cfg.data.scale, split='test', size=size, channels=task.cfg.data.channels,
+                                  steps=kw.get('steps', task.cfg.sample.steps), crops_per_image=crops)
+                if k == 0: save_file({'sr': res['sr'].float().contiguous()}, str(rd / f'sr_{slug(a.name)}.safetensors'))
+                by_seed.append(res['per_image'])
+            per = {m: [float(np.mean([s[m][i] for s in by_seed])) for i in range(len(res['names']))] for m in by_seed[0]}
+            r = dict(key=ek, arm=a.name, mean={m: float(np.mean(v)) for m, v in per.items()}, per_image=per,
+                     per_image_seeds={m: [s[m] for s in by_seed] for m in by_seed[0]}, names=res['names'],
                      sampler=kw.get('sampler', task.cfg.sample.sampler), eval_steps=kw.get('steps', task.cfg.sample.steps),
                      eval_seconds=time.perf_counter() - t0, card=res['card'].to_dict())
             atomic_write_text(f, json.dumps(r, indent=1, default=str))
@@ -414,16 +469,17 @@ def _worker_main(spec_path: str) -> int:
     torch.set_num_threads(int(spec['threads']))
     registry = {d['name']: _arm_from_dict(d) for d in spec['registry']}
     train_and_evaluate([registry[n] for n in spec['arms']], spec['runs_dir'], spec['minutes'], spec['steps_cap'], spec['extra'],
-                       spec['size'], spec['force'], spec['base_done'], registry)
+                       spec['size'], spec['force'], spec['base_done'], registry, spec['seed'], spec['sample_seeds'], spec['crops'])
     return 0
 
-def _finished(arms: list[Arm], rd: Path, ov: list[str], base_done: dict | None, size: int) -> bool:
+def _finished(arms: list[Arm], rd: Path, ov: list[str], base_done: dict | None, size: int, sample_seeds: int = 1,
+              crops: int = 1) -> bool:
     "True when the run folder holds this exact training and every arm's evaluation of it."
     done = _read_json(rd / TRAIN_DONE)
     if done is None or done.get('key') != _train_key(arms[0], ov, base_done) or not (rd / 'ckpt' / 'latest').exists(): return False
     for a in arms:
         r = _read_json(rd / f'eval_{slug(a.name)}.json')
-        if r is None or r.get('key') != {'trained': done['finished'], 'sampler': a.sampler, 'steps': a.steps, 'size': size}: return False
+        if r is None or r.get('key') != _eval_key(a, done, size, sample_seeds, crops): return False
     return True
 
 def _log_tail(path: Path) -> str:
@@ -431,21 +487,27 @@ def _log_tail(path: Path) -> str:
     except OSError: return 'no log'
     return lines[-1].strip()[:300] if lines else 'empty log'
 
-def _measured(arms: list[Arm], status: dict, runs_dir: Path) -> dict:
-    "arm name -> measured record (status 'ok' with the means flattened in) or {'status', 'reason'}."
+def _measured(arms: list[Arm], status: dict, runs_dir: Path, seeds: int = 1) -> dict:
+    "arm name -> measured record (status 'ok', means over seeds flattened in, `samples`: metric -> (seeds, images, sampling seeds)) or {'status', 'reason'}."
     out = {}
     for a in arms:
-        st = status[a.run_key]
-        rd = run_dir(runs_dir, a.run_key)
-        if st != 'done':
-            out[a.name] = {'status': 'failed', 'reason': st} if st.startswith('failed') else {'status': 'not run', 'reason': st[len('not run: '):]}
+        bad = next((status[a.run_key, s] for s in range(seeds) if status[a.run_key, s] != 'done'), None)
+        if bad is not None:
+            out[a.name] = {'status': 'failed', 'reason': bad} if bad.startswith('failed') else {'status': 'not run', 'reason': bad[len('not run: '):]}
             continue
-        r, t = _read_json(rd / f'eval_{slug(a.name)}.json'), _read_json(rd / TRAIN_DONE)
-        out[a.name] = {'status': 'ok', **r['mean'], 'per_image': r['per_image'], 'names': r['names'], 'sampler': r['sampler'],
-                       'eval_steps': r['eval_steps'], 'eval_seconds': r['eval_seconds'], 'steps': t['steps'], 'device': t.get('device'),
-                       'train_minutes': (t['train_seconds'] or t['wall_seconds']) / 60, 'run_dir': str(rd),
-                       'preset': a.preset, 'overrides': list(a.overrides) + ([f'{a.base_key}=<{a.base} run>'] if a.base else []),
-                       'card': r['card']}
+        rds = [run_dir(runs_dir, a.run_key, s) for s in range(seeds)]
+        rs, ts = [_read_json(rd / f'eval_{slug(a.name)}.json') for rd in rds], [_read_json(rd / TRAIN_DONE) for rd in rds]
+        samples = {m: [np.asarray(r.get('per_image_seeds', {m: [r['per_image'][m]]})[m]).T.tolist() for r in rs] for m in rs[0]['mean']}
+        per_seed = {m: [r['mean'][m] for r in rs] for m in rs[0]['mean']}
+        out[a.name] = {'status': 'ok', **{m: float(np.mean(v)) for m, v in per_seed.items()}, 'per_seed': per_seed,
+                       'sd': {m: float(np.std(v, ddof=1)) if len(v) > 1 else None for m, v in per_seed.items()},
+                       'per_image': {m: np.asarray(v).mean(axis=(0, 2)).tolist() for m, v in samples.items()}, 'samples': samples,
+                       'seeds': seeds, 'sample_seeds': len(samples[next(iter(samples))][0][0]), 'names': rs[0]['names'],
+                       'sampler': rs[0]['sampler'], 'eval_steps': rs[0]['eval_steps'], 'eval_seconds': rs[0]['eval_seconds'],
+                       'steps': ts[0]['steps'], 'steps_per_seed': [t['steps'] for t in ts], 'device': ts[0].get('device'),
+                       'train_minutes': float(np.mean([(t['train_seconds'] or t['wall_seconds']) / 60 for t in ts])),
+                       'run_dir': str(rds[0]), 'preset': a.preset,
+                       'overrides': list(a.overrides) + ([f'{a.base_key}=<{a.base} run>'] if a.base else []), 'card': rs[0]['card']}
     return out
 
 def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CLAIMS)
@@ -459,74 +521,81 @@ def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CL
                resume: bool = True, # reuse finished results found in the run folders
                extra: Sequence[str] = (), # key=value applied to every arm (e.g. tiny sizes for tests)
                progress: bool = True, # a progress bar and one line per finished run (stderr)
+               seeds: int = 3, # training seeds per arm (run.seed 0..seeds-1; the bootstrap resamples them)
+               sample_seeds: int = 3, # sampling seeds per image, the same for every arm (their metrics are averaged)
+               crops: int = 4, # tiles per test image (bench.held_out_tiles: 4 where the image holds them), averaged per image
               ) -> dict:
     "Train and evaluate every arm of `claims` under one budget, compute the verdicts, write claims.md/json; returns the report."
     from tqdm.auto import tqdm
     sel = select_claims(claims)
     if jobs < 1 or threads < 1: raise ValueError(f"jobs={jobs}, threads={threads}: both must be >= 1.")
+    if seeds < 1 or sample_seeds < 1: raise ValueError(f"seeds={seeds}, sample_seeds={sample_seeds}: both must be >= 1.")
     runs_dir = Path(runs_dir).resolve()
     runs = check_registry()
     wanted = [ARMS[n] for n in dict.fromkeys(a for c in sel for a in c.arms)]
     evals: dict[str, list[Arm]] = {}
     for a in wanted: evals.setdefault(a.run_key, []).append(a)
-    todo = list(evals)
-    for k in todo:  # add the runs that bases need (trained, not evaluated unless a claim asks)
+    keys = list(evals)
+    for k in keys:  # add the runs that bases need (trained, not evaluated unless a claim asks)
         for a in runs[k]:
-            if a.base and ARMS[a.base].run_key not in todo: todo.append(ARMS[a.base].run_key)
+            if a.base and ARMS[a.base].run_key not in keys: keys.append(ARMS[a.base].run_key)
     depth = lambda k: 1 + depth(ARMS[runs[k][0].base].run_key) if runs[k][0].base else 0
-    order = sorted(todo, key=depth)  # bases before the runs that build on them
-    job = {k: evals.get(k) or runs[k][:1] for k in order}  # arms each worker evaluates (a base-only run: its first arm)
-    for k in order: arm_config(job[k][0], runs_dir, minutes, steps_cap, extra)  # bad keys fail here, before any training
-    status: dict[str, str | None] = {k: (f'not run: {unmet(job[k][0])}' if unmet(job[k][0]) else None) for k in order}
-    base_of = {k: ARMS[job[k][0].base].run_key if job[k][0].base else None for k in order}
+    order = [(k, s) for k in sorted(keys, key=depth) for s in range(seeds)]  # bases before the runs that build on them
+    job = {k: evals.get(k) or runs[k][:1] for k in keys}  # arms each worker evaluates (a base-only run: its first arm)
+    for k in keys: arm_config(job[k][0], runs_dir, minutes, steps_cap, extra)  # bad keys fail here, before any training
+    status: dict = {(k, s): (f'not run: {unmet(job[k][0])}' if unmet(job[k][0]) else None) for k, s in order}
+    base_of = {(k, s): (ARMS[job[k][0].base].run_key, s) if job[k][0].base else None for k, s in order}
     runs_dir.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(order), desc='claims', disable=not progress or bool(os.environ.get('TQDM_DISABLE')))
     say = (lambda s: bar.write(s, file=sys.stderr)) if progress else (lambda s: None)
     running: dict = {}
-    pending = [k for k in order if status[k] is None]
+    pending = [j for j in order if status[j] is None]
     bar.update(len(order) - len(pending))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE='1', MPLBACKEND='Agg',
                PYTHONUNBUFFERED='1')
     code = 'import sys\nfrom diffsr_kit.claims import _worker_main\nsys.exit(_worker_main(sys.argv[1]))'
+    name = lambda j: f'{j[0]} (seed {j[1]})'
     try:
         while pending or running:
-            for k in list(pending):
+            for j in list(pending):
                 if len(running) >= jobs: break
-                b = base_of[k]
+                (k, s), b = j, base_of[j]
                 if b is not None and status[b] != 'done':
                     if status[b] is None: continue  # the base is still waiting or running
-                    status[k] = f'not run: its base run {b} did not finish ({status[b]})'; pending.remove(k); bar.update(1); continue
-                pending.remove(k)
-                base_done = _read_json(run_dir(runs_dir, b) / TRAIN_DONE) if b else None
-                ov = arm_overrides(job[k][0], runs_dir, minutes, steps_cap, extra)
-                if resume and _finished(job[k], run_dir(runs_dir, k), ov, base_done, size):
-                    status[k] = 'done'; bar.update(1); say(f'{k}: finished result found, reused'); continue
+                    status[j] = f'not run: its base run {b[0]} did not finish ({status[b]})'; pending.remove(j); bar.update(1); continue
+                pending.remove(j)
+                base_done = _read_json(run_dir(runs_dir, *b) / TRAIN_DONE) if b else None
+                ov = arm_overrides(job[k][0], runs_dir, minutes, steps_cap, extra, seed=s)
+                if resume and _finished(job[k], run_dir(runs_dir, k, s), ov, base_done, size, sample_seeds, crops):
+                    status[j] = 'done'; bar.update(1); say(f'{name(j)}: finished result found, reused'); continue
                 reg = {a.name: a for a in runs[k] + ([ARMS[job[k][0].base]] if job[k][0].base else [])}
                 spec = dict(arms=[a.name for a in job[k]], threads=threads, runs_dir=str(runs_dir), minutes=minutes, steps_cap=steps_cap,
-                            extra=list(extra), size=size, force=not resume, base_done=base_done, registry=[asdict(a) for a in reg.values()])
-                sp = runs_dir / f'{slug(k)}.spec.json'
+                            extra=list(extra), size=size, force=not resume, base_done=base_done, registry=[asdict(a) for a in reg.values()],
+                            seed=s, sample_seeds=sample_seeds, crops=crops)
+                sp = runs_dir / f'{slug(k)}_seed{s}.spec.json'
                 atomic_write_text(sp, json.dumps(spec, indent=1))
-                log = open(runs_dir / f'{slug(k)}.log', 'w')
-                running[k] = (subprocess.Popen([sys.executable, '-c', code, str(sp)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                log = open(runs_dir / f'{slug(k)}_seed{s}.log', 'w')
+                running[j] = (subprocess.Popen([sys.executable, '-c', code, str(sp)], stdout=log, stderr=subprocess.STDOUT, env=env,
                                                cwd=str(repo_root())), log, time.perf_counter())
-                say(f'{k}: started ({len(running)} running, {len(pending)} waiting)')
-            for k, (p, log, t0) in list(running.items()):
+                say(f'{name(j)}: started ({len(running)} running, {len(pending)} waiting)')
+            for j, (p, log, t0) in list(running.items()):
                 if p.poll() is None: continue
-                log.close(); del running[k]
-                lp = runs_dir / f'{slug(k)}.log'
-                status[k] = 'done' if p.returncode == 0 else f'failed (exit {p.returncode}): {_log_tail(lp)} [log: {lp}]'
-                bar.update(1); say(f'{k}: {status[k]} after {time.perf_counter() - t0:.0f} s')
+                log.close(); del running[j]
+                lp = runs_dir / f'{slug(j[0])}_seed{j[1]}.log'
+                status[j] = 'done' if p.returncode == 0 else f'failed (exit {p.returncode}): {_log_tail(lp)} [log: {lp}]'
+                bar.update(1); say(f'{name(j)}: {status[j]} after {time.perf_counter() - t0:.0f} s')
             if running: time.sleep(0.5)
-            elif pending and all(base_of[k] in pending for k in pending):  # cannot happen with a checked registry; never spin
-                for k in pending: status[k] = f'not run: its base run {base_of[k]} was never scheduled'
+            elif pending and all(base_of[j] in pending for j in pending):  # cannot happen with a checked registry; never spin
+                for j in pending: status[j] = f'not run: its base run {base_of[j][0]} was never scheduled'
                 pending.clear()
     except BaseException:  # Ctrl-C or an error: stop the workers this call started
         for p, log, _ in running.values(): p.terminate(); log.close()
         raise
     finally: bar.close()
-    measured = _measured(wanted, status, runs_dir)
+    measured = _measured(wanted, status, runs_dir, seeds)
     report = build_report(sel, measured, minutes=minutes, threads=threads, jobs=jobs, steps_cap=steps_cap, size=size,
-                          runs_dir=str(runs_dir), extra=list(extra))
+                          runs_dir=str(runs_dir), extra=list(extra), seeds=seeds, sample_seeds=sample_seeds, crops=crops,
+                          bounds=reference_bounds(size, crops))
     write_claims(report, out)
     return report
 
@@ -537,10 +606,10 @@ def build_report(claims: Sequence[Claim], measured: dict, **header) -> dict:
     from diffsr_kit.bench import device_name
     devices = sorted({r['device'] for r in measured.values() if r.get('device')})
     head = dict(date=datetime.datetime.now().isoformat(timespec='minutes'), hardware=describe_hardware(),
-                devices=devices or [device_name('cpu')], tolerances={k: m.tol for k, m in METRICS.items()}, **header)
+                devices=devices or [device_name('cpu')], **header)
     rows = []
     for c in claims:
-        v = verdict(c, measured)
+        v = verdict(c, measured, bounds=header.get('bounds'))
         rows.append(dict(id=c.id, source=c.source, statement=c.statement, paper=c.paper, expected=c.expected_text(),
                          metric=c.metric, note=c.note, verdict=v['verdict'], primary=v,
                          also={m: verdict(c, measured, m) for m in c.also}))
@@ -556,11 +625,13 @@ def _kit_text(c: dict) -> str:
     if not v['pairs']: return v['verdict']
     M = METRICS[v['metric']]
     f = lambda x: format(x, M.fmt)
-    parts = [f"{p['winner']} {f(p['winner_value'])} vs {p['loser']} {f(p['loser_value'])} ({M.label} {p['gain']:+.3g}{M.unit} "
-             f"for the expected winner" + (f", {p['images_won']}/{p['images']} images" if p['images'] else '') + f"; {p['outcome']})"
-             for p in v['pairs']]
+    g = lambda x: format(x, '+.3g')
+    parts = [f"{p['winner']} {f(p['winner_value'])} vs {p['loser']} {f(p['loser_value'])}: {M.label} {g(p['gain'])}{M.unit} "
+             f"[{g(p['low'])}, {g(p['high'])}] for the expected winner ({p['seeds']} seed(s) x {p['images']} images, won on "
+             f"{p['images_won']}; {p['outcome']})" for p in v['pairs']]
+    if v.get('why'): parts.append(f"undertrained: {v['why']}")
     also = ', '.join(f"{METRICS[m].label} {a['verdict'] if not a['verdict'].startswith('not run') else 'n/a'}"
-                     + (f" ({a['held']}/{a['n']})" if a['pairs'] else '') for m, a in c['also'].items())
+                     + (f" ({a['held']}/{a['n']} held)" if a['pairs'] else '') for m, a in c['also'].items())
     return '<br>'.join(parts) + (f"<br>also: {also}" if also else '')
 
 def _cell(s) -> str: return str(s).replace('|', '/').replace('\n', ' ')
@@ -578,7 +649,11 @@ def _budget_text(h: dict) -> str:
 def claims_markdown(report: dict) -> str:
     "The report as Markdown: stated budget, the claims table, the arms' numbers, notes and the evaluation convention."
     h = report['header']
-    tol = ', '.join(f"{METRICS[k].label} {v:g}{METRICS[k].unit}" for k, v in h['tolerances'].items())
+    S, K, T = h.get('seeds', 1), h.get('sample_seeds', 1), h.get('crops', 1)
+    b = h.get('bounds') or {}
+    bound_text = (f"bicubic {b['bicubic']:.2f} dB, the shipped regression model {b['regression']:.2f} dB on the same images, so one "
+                  f"posterior sample's ideal bound is {b['regression'] - 3:.2f} dB" if b.get('regression') is not None else
+                  'no regression model was available, so no claim is checked for undertraining')
     lines = ['# Paper claims at tiny scale', '',
              f"Built by `diffsr bench claims` (`diffsr_kit.claims.run_claims`) on {h['date']}.", '',
              f"**Budget (equal for every arm).** {_budget_text(h)} {h.get('threads')} CPU thread(s) per "
@@ -586,12 +661,17 @@ def claims_markdown(report: dict) -> str:
              "Exceptions, stated per claim: the latent arms reuse the shipped autoencoders (trained beforehand), and the CG-DPM "
              "guided arm trains its guide for the budget on top of its base arm's." +
              (f" Every arm also got the overrides `{' '.join(h['extra'])}`." if h.get('extra') else ''), '',
-             f"**Evaluation.** `bench.evaluate_sr`: the held-out test split, centre crops of {h.get('size')} px, classic bicubic x4 "
-             "LR, PSNR/SSIM on RGB with a 4-pixel border crop, one sample per image (seed 0), the arm's sampler and steps.", '',
-             "**Verdicts** are computed from the measured numbers, never set by hand: for each expected (winner, loser) pair the "
-             f"gain must exceed the tie margin ({tol}); **yes** = every pair held, **no** = none did, **mixed** = some did; "
-             "**not run** = an arm has no result (reason given). One training seed per arm: small gaps can flip between runs.", '',
-             '| Claim | Source | Paper says | In-kit (tiny) | Reproduced? |', '|---|---|---|---|---|']
+             f"**Evaluation.** `bench.evaluate_sr`: the held-out test split, {T} tile(s) of {h.get('size')} px per image where the "
+             "image holds them (averaged per image: the image is the unit), classic bicubic x4 LR, PSNR/SSIM on RGB with a "
+             f"4-pixel border crop, the arm's sampler and steps; {S} training seed(s) per arm and {K} sampling seed(s) per image, "
+             "the same seeds (so the same initial noise) for every arm.", '',
+             "**Verdicts** are computed from the measured numbers, never set by hand (`stats.decide`): per expected (winner, loser) "
+             "pair, the per-image difference winner − loser averaged over the sampling seeds, and its 95% percentile bootstrap "
+             "interval resampling training seeds and whole images. **held**: the interval is above 0 for every pair; "
+             "**reversed**: below 0 for every pair; **undecided**: otherwise; **undertrained** (no verdict): the claim's baseline "
+             f"arm is more than {UNDERTRAINED_MARGIN:g} dB below its ideal bound ({bound_text}); **not run**: an arm has no "
+             "result (reason given).", '',
+             '| Claim | Source | Paper says | In-kit (tiny): difference [95% interval] | Verdict |', '|---|---|---|---|---|']
     for c in report['claims']:
         lines.append('| ' + ' | '.join(_cell(x) for x in (f"**{c['id']}**: {c['expected']}", c['source'], _paper_text(c), _kit_text(c),
                                                          f"**{c['verdict']}**")) + ' |')
@@ -604,7 +684,9 @@ def claims_markdown(report: dict) -> str:
                          f"| | | | | | | | {_cell(r.get('status'))}: {_cell(r.get('reason', ''))} |"); continue
         card = card or r.get('card')
         setup = ' '.join([r.get('preset', '')] + list(r.get('overrides', [])))
-        nums = ' | '.join(format(r[m], METRICS[m].fmt) if m in r else '' for m in ('psnr', 'ssim', 'lr_psnr', 'consistency'))
+        sd = r.get('sd') or {}
+        nums = ' | '.join((format(r[m], METRICS[m].fmt) + (f" ± {format(sd[m], METRICS[m].fmt)}" if sd.get(m) is not None else ''))
+                          if m in r else '' for m in ('psnr', 'ssim', 'lr_psnr', 'consistency'))
         mins = f"{r['train_minutes']:.2f}" if 'train_minutes' in r else ''
         lines.append(f"| {name} | {_cell(setup)} | {r.get('sampler', '')} {r.get('eval_steps', '')} | {r.get('steps', '')} "
                      f"| {mins} | {nums} | ok |")

@@ -484,7 +484,10 @@ def _bench_claims_args(p):
     p.add_argument('--out', default='results', help='folder for claims.md and claims.json')
     p.add_argument('--runs-dir', default='runs/claims', help='one run folder per arm; finished ones are reused')
     p.add_argument('--steps-cap', type=int, default=None, help='also stop every arm after this many steps (tests)')
-    p.add_argument('--size', type=int, default=128, help='HR centre-crop side of the held-out images')
+    p.add_argument('--size', type=int, default=128, help='HR tile side of the held-out images')
+    p.add_argument('--seeds', type=int, default=3, help='training seeds per arm (the intervals resample them)')
+    p.add_argument('--sample-seeds', type=int, default=3, help='sampling seeds per image, the same for every arm')
+    p.add_argument('--crops', type=int, default=4, choices=(1, 4), help='tiles per test image (4 where the image holds them)')
     p.add_argument('--no-resume', action='store_true', help='retrain arms even when their run folder has a finished result')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override applied to every arm (repeatable)')
     p.add_argument('--list', action='store_true', help='print the claims and arms and check every config; train nothing')
@@ -507,7 +510,8 @@ def _bench_claims(a) -> int:
         else: print(format_table(claims_table(ids))); print(); print(format_table(rows))
         return 0
     rep = run_claims(ids, minutes=a.minutes, out=a.out, runs_dir=a.runs_dir, jobs=a.jobs, threads=a.threads,
-                     steps_cap=a.steps_cap, size=a.size, resume=not a.no_resume, extra=a.set)
+                     steps_cap=a.steps_cap, size=a.size, resume=not a.no_resume, extra=a.set, seeds=a.seeds,
+                     sample_seeds=a.sample_seeds, crops=a.crops)
     if a.json: print(json.dumps(rep, default=str))
     else: print(format_table([dict(claim=c['id'], source=c['source'], metric=c['metric'],
                                    verdict=c['verdict'] if len(c['verdict']) <= 90 else c['verdict'][:87] + '...') for c in rep['claims']]))

@@ -61,24 +61,51 @@ def test_unmet_requirement_follows_the_hub_cache(tmp_path, monkeypatch):
 def _ok(**kw): return {'status': 'ok', **kw}
 
 
-def test_verdict_on_synthetic_numbers():
+def _arm(values, metric='psnr'):
+    "A measured arm from (training seeds, images, sampling seeds) values."
+    v = np.asarray(values, dtype=float)
+    return {'status': 'ok', metric: float(v.mean()), 'samples': {metric: v.tolist()}}
+
+
+def test_verdict_from_paired_intervals():
+    rng = np.random.default_rng(0)
+    img = rng.normal(25, 2, size=(1, 8, 1))                     # images differ a lot; the pairing removes that
+    arm = lambda shift, sd=0.1: _arm(img + shift + rng.normal(0, sd, size=(3, 8, 3)))
     c = C.Claim('t', 'src', 'A beats B beats D', order=('A', 'B', 'D'))
-    assert C.verdict(c, {'A': _ok(psnr=30.0), 'B': _ok(psnr=29.0), 'D': _ok(psnr=28.0)})['verdict'] == 'yes'
-    assert C.verdict(c, {'A': _ok(psnr=28.0), 'B': _ok(psnr=29.0), 'D': _ok(psnr=30.0)})['verdict'] == 'no'
-    v = C.verdict(c, {'A': _ok(psnr=30.0), 'B': _ok(psnr=28.0), 'D': _ok(psnr=29.0)})  # A>B, A>D hold; B>D reversed
-    assert (v['verdict'], v['held'], v['n']) == ('mixed', 2, 3)
-    assert [p['outcome'] for p in v['pairs']] == ['held', 'held', 'reversed']
-    # a gain within the 0.05 dB margin is a tie, which does not reproduce a claimed gain
-    tie = C.verdict(C.Claim('t', 's', '', order=('A', 'B')), {'A': _ok(psnr=25.04), 'B': _ok(psnr=25.0)})
-    assert tie['verdict'] == 'no' and tie['pairs'][0]['outcome'] == 'tie'
-    # lower-is-better metric: the smaller consistency wins
+    v = C.verdict(c, {'A': arm(1.0), 'B': arm(0.5), 'D': arm(0.0)})
+    assert v['verdict'] == 'held' and [p['outcome'] for p in v['pairs']] == ['held'] * 3
+    p = v['pairs'][0]
+    assert (p['seeds'], p['images'], p['images_won']) == (3, 8, 8) and p['low'] < 0.5 < p['high']
+    assert C.verdict(c, {'A': arm(0.0), 'B': arm(0.5), 'D': arm(1.0)})['verdict'] == 'reversed'
+    mixed = C.verdict(c, {'A': arm(1.0), 'B': arm(0.0), 'D': arm(0.5)})   # A>B, A>D hold; B>D reversed
+    assert mixed['verdict'] == 'undecided' and [p['outcome'] for p in mixed['pairs']] == ['held', 'held', 'reversed']
+    # lower-is-better: the smaller consistency wins
     lo = C.Claim('t', 's', '', order=('A', 'B'), metric='consistency')
-    assert C.verdict(lo, {'A': _ok(consistency=1e-3), 'B': _ok(consistency=2e-3)})['verdict'] == 'yes'
-    assert C.verdict(lo, {'A': _ok(consistency=2e-3), 'B': _ok(consistency=1e-3)})['verdict'] == 'no'
-    # per-image wins are counted for the expected winner: 2 of 3 images
-    pi = C.verdict(C.Claim('t', 's', '', order=('A', 'B')),
-                   {'A': _ok(psnr=26.0, per_image={'psnr': [27, 26, 25]}), 'B': _ok(psnr=25.0, per_image={'psnr': [26, 24, 25.5]})})
-    assert (pi['pairs'][0]['images_won'], pi['pairs'][0]['images']) == (2, 3)
+    assert C.verdict(lo, {'A': _arm(img * 0 + 1e-3 + rng.normal(0, 1e-5, (1, 8, 1)), 'consistency'),
+                          'B': _arm(img * 0 + 2e-3 + rng.normal(0, 1e-5, (1, 8, 1)), 'consistency')}, 'consistency')['verdict'] == 'held'
+
+
+def test_the_same_model_on_both_sides_is_undecided():
+    "One model, two sampling noises: the claim cannot be decided, whichever arm the claim favours (20 of 20 draws)."
+    c = C.Claim('t', 's', '', order=('A', 'B'))
+    img = np.random.default_rng(1).normal(25, 2, size=(1, 5, 1))
+    outs = []
+    for k in range(20):
+        r = np.random.default_rng(100 + k)
+        outs.append(C.verdict(c, {'A': _arm(img + r.normal(0, 0.3, (3, 5, 3))), 'B': _arm(img + r.normal(0, 0.3, (3, 5, 3)))})['verdict'])
+    assert outs.count('undecided') >= 18, outs   # a 95% interval: about 1 in 20 may exclude 0 by chance
+
+
+def test_an_undertrained_baseline_gives_no_verdict():
+    c = C.Claim('t', 's', '', order=('A', 'B'))
+    img = np.zeros((1, 5, 1))
+    m = {'A': _arm(img + 21.0), 'B': _arm(img + 20.0)}        # A clearly ahead, but B is far below what it should reach
+    v = C.verdict(c, m, bounds={'bicubic': 25.5, 'regression': 26.5})   # one sample's ideal bound: 23.5 dB
+    assert v['verdict'] == 'undertrained' and 'baseline B 20.00 dB is 3.50 dB below the ideal bound 23.50' in v['why']
+    assert C.verdict(c, m, bounds={'bicubic': 20.0, 'regression': 23.5})['verdict'] == 'held'   # bound 20.5: within 1 dB
+    assert C.verdict(c, m)['verdict'] == 'held'                                                  # no bounds: not checked
+    assert C.verdict(C.Claim('t', 's', '', order=('A', 'B'), kind='regressor'), m,
+                     bounds={'bicubic': 25.5, 'regression': 26.5})['verdict'] == 'undertrained'   # a regressor: bicubic bound
 
 
 def test_not_run_propagates():
@@ -100,27 +127,40 @@ def test_run_claims_end_to_end(tmp_path, monkeypatch):
                                       'x_vgg': C.Claim('x_vgg', 'test', 'needs VGG', order=('x:vgg', 'sr3:linear+direct@ddim10')),
                                       'x_dep': C.Claim('x_dep', 'test', 'base not run', order=('x:dep', 'sr3:linear+direct@ddim10'))})
     runs, out = tmp_path / 'runs', tmp_path / 'results'
-    rep = C.run_claims(['sr4_steps', 'x_vgg', 'x_dep'], minutes=5.0, out=out, runs_dir=runs, steps_cap=3, size=32, extra=TINY,
-                       progress=False)
+    rep = C.run_claims(['sr4_steps_respacing', 'x_vgg', 'x_dep'], minutes=5.0, out=out, runs_dir=runs, steps_cap=3, size=32,
+                       extra=TINY, progress=False, seeds=2, sample_seeds=2, crops=1)
     js = json.loads((out / 'claims.json').read_text())
     md = (out / 'claims.md').read_text()
-    assert [c['id'] for c in js['claims']] == ['sr4_steps', 'x_vgg', 'x_dep']
+    assert [c['id'] for c in js['claims']] == ['sr4_steps_respacing', 'x_vgg', 'x_dep']
     assert [c['verdict'] for c in rep['claims']] == [c['verdict'] for c in js['claims']]  # returned == written
     assert js['header']['minutes'] == 5.0 and js['header']['steps_cap'] == 3 and js['header']['threads'] == 1
     by = {c['id']: c for c in js['claims']}
     assert by['x_vgg']['verdict'] == 'not run: x:vgg: weights missing (test)'
     assert by['x_dep']['verdict'].startswith('not run: x:dep: its base run x:vgg did not finish')
-    for cid in ('sr4_steps', 'x_vgg', 'x_dep'): assert f'**{cid}**' in md
-    # the verdict follows the measured numbers (recomputed here from the json)
+    for cid in ('sr4_steps_respacing', 'x_vgg', 'x_dep'): assert f'**{cid}**' in md
+    # the verdict follows the measured numbers: the paired interval recomputed here from the json by a plain bootstrap loop
     a50, a10 = js['arms']['sr3:linear+direct@ddim50'], js['arms']['sr3:linear+direct@ddim10']
-    d = a50['psnr'] - a10['psnr']
-    assert by['sr4_steps']['verdict'] == ('yes' if d > 0.05 else 'no')
+    W, L = np.asarray(a50['samples']['psnr']), np.asarray(a10['samples']['psnr'])
+    assert W.shape == L.shape == (2, 5, 2) and a50['seeds'] == 2 and a50['sample_seeds'] == 2
+    d = (W - L).mean(2)
+    rng, boots = np.random.default_rng(7), []
+    for _ in range(4000):
+        si, ii = rng.integers(0, 2, 2), rng.integers(0, 5, 5)
+        boots.append(d[si][:, ii].mean())
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    pair = by['sr4_steps_respacing']['primary']['pairs'][0]
+    assert abs(pair['gain'] - d.mean()) < 1e-9 and abs(pair['low'] - lo) < 0.05 * (hi - lo) + 1e-6 and abs(pair['high'] - hi) < 0.05 * (hi - lo) + 1e-6
+    want = 'held' if lo > 0 else 'reversed' if hi < 0 else 'undecided'
+    if by['sr4_steps_respacing']['verdict'] != 'undertrained': assert by['sr4_steps_respacing']['verdict'] == want
     assert a50['steps'] == a10['steps'] == 3 and (a50['eval_steps'], a10['eval_steps']) == (50, 10)
+    assert js['header']['bounds']['regression'] is not None and js['header']['seeds'] == 2
     # PSNR / SSIM recomputed with scikit-image from the saved SR images and the held-out HR crops (crop 4 px)
     from diffsr_kit.bench import held_out_crops
     crops = held_out_crops('test', 32)
     rd = C.run_dir(runs.resolve(), 'sr3:linear+direct')
-    for name, rec in (('sr3:linear+direct@ddim50', a50), ('sr3:linear+direct@ddim10', a10)):
+    for name in ('sr3:linear+direct@ddim50', 'sr3:linear+direct@ddim10'):
+        rec = json.loads((rd / f'eval_{C.slug(name)}.json').read_text())   # training seed 0; the SR file holds sampling seed 0
+        rec = {'names': rec['names'], **{m: float(np.mean(v[0])) for m, v in rec['per_image_seeds'].items()}}
         sr = load_file(str(rd / f'sr_{C.slug(name)}.safetensors'))['sr'].double().numpy()
         assert sr.shape == (5, 3, 32, 32) and rec['names'] == list(crops)
         ps, ss = [], []
@@ -137,10 +177,12 @@ def test_run_claims_end_to_end(tmp_path, monkeypatch):
     from diffsr_kit.bench import evaluate_sr
     task = load_task(rd)
     again = evaluate_sr(lambda lr, seed: task.predict(lr, seed=seed, sampler='ddim', steps=10), size=32)
-    for m in ('psnr', 'ssim', 'lr_psnr'): assert abs(again['mean'][m] - a10[m]) < 1e-6, m
+    r10 = json.loads((rd / f'eval_{C.slug("sr3:linear+direct@ddim10")}.json').read_text())
+    for m in ('psnr', 'ssim', 'lr_psnr'): assert abs(again['mean'][m] - np.mean(r10['per_image_seeds'][m][0])) < 1e-6, m
     # a second call reuses the finished run: no retraining
     stamp = json.loads((rd / C.TRAIN_DONE).read_text())['finished']
-    rep2 = C.run_claims(['sr4_steps'], minutes=5.0, out=out, runs_dir=runs, steps_cap=3, size=32, extra=TINY, progress=False)
+    rep2 = C.run_claims(['sr4_steps_respacing'], minutes=5.0, out=out, runs_dir=runs, steps_cap=3, size=32, extra=TINY, progress=False,
+                        seeds=2, sample_seeds=2, crops=1)
     assert json.loads((rd / C.TRAIN_DONE).read_text())['finished'] == stamp
     assert rep2['arms']['sr3:linear+direct@ddim10']['psnr'] == a10['psnr']
 
