@@ -16,8 +16,8 @@ from .core import atomic_write_text
 from .config import config_to_dict
 
 # %% auto #0
-__all__ = ['TrainingDiverged', 'diverged', 'flat_state', 'load_flat_state', 'read_weights', 'nonfinite_tensors', 'rng_state',
-           'set_rng_state', 'save_checkpoint', 'find_checkpoint']
+__all__ = ['WEIGHT_LIMIT', 'TrainingDiverged', 'diverged', 'flat_state', 'load_flat_state', 'read_weights', 'nonfinite_tensors',
+           'rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint']
 
 # %% ../nbs/api/28_checkpoint.ipynb #8954b1ed
 class TrainingDiverged(RuntimeError):
@@ -66,10 +66,13 @@ def read_weights(f: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); the write was cut short or the "
                          "file is damaged. Use another checkpoint (ckpt/step_*), or export / download it again.") from None
 
+WEIGHT_LIMIT = 1e10  # |weight| above this is a diverged state (a trained network's weights are O(1); fp16 exports cap at 6.5e4)
+
 def nonfinite_tensors(modules: dict[str, nn.Module]) -> list[str]:
-    "Names '<module>.<tensor>' of floating-point parameters and buffers holding NaN or Inf."
+    "Names '<module>.<tensor>' of floating-point parameters and buffers holding NaN, Inf or values beyond WEIGHT_LIMIT."
+    bad = lambda t: not torch.isfinite(t).all() or bool(t.abs().max() > WEIGHT_LIMIT) if t.numel() else False
     return [f'{k}.{n}' for k, m in modules.items() for n, t in getattr(m, '_orig_mod', m).state_dict().items()
-            if t.is_floating_point() and not torch.isfinite(t).all()]
+            if t.is_floating_point() and bad(t)]
 
 def rng_state() -> dict:
     "Python, NumPy and torch RNG states as tensors and plain values."
@@ -97,7 +100,8 @@ def save_checkpoint(run_dir: str | Path, step: int, task, # a train.Task (its mo
     final = ck / f'step_{step:08d}'
     tmp = ck / f'.tmp_step_{step:08d}_{os.getpid()}'
     bad = nonfinite_tensors(task.modules) + (nonfinite_tensors(ema.modules) if ema is not None else [])
-    if bad: raise diverged(f"Weights became non-finite ({', '.join(bad[:3])}; checkpoint not written)", step, run_dir)
+    if bad: raise diverged(f"Weights became non-finite or exploded past {WEIGHT_LIMIT:g} ({', '.join(bad[:3])}; checkpoint not written)",
+                           step, run_dir)
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
     try:
         save_file(flat_state(task.modules), str(tmp / 'model.safetensors'))

@@ -212,11 +212,15 @@ def _train(a) -> int:
     check_run_config(cfg)  # the same checks as a real run
     if a.dry_run:
         from diffsr_kit.dist import env_info
-        from diffsr_kit.plan import estimate_run, format_estimate
-        est = estimate_run(cfg, world=a.gpus or env_info().world)
+        from diffsr_kit.plan import estimate_run, format_estimate, check_memory
+        # planned for this machine (as a real run checks it), or for --gpus GPUs of another one
+        est = estimate_run(cfg, world=a.gpus) if a.gpus else check_memory(cfg, world=env_info().world)
         if a.json: print(json.dumps(est)); return 0
         print(config_to_yaml(cfg)); print(format_estimate(est)); return 0
     from diffsr_kit.train import train
+    from diffsr_kit.dist import env_info
+    from diffsr_kit.plan import check_memory
+    check_memory(cfg, world=env_info().world)  # planned against this machine before anything is allocated
     run = train(cfg, resume=a.resume, overwrite=a.overwrite)
     print(f'run folder: {run}')
     return 0

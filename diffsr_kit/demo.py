@@ -753,9 +753,19 @@ def demo_cli_args(p):
     p.add_argument('--port', type=int, default=None, help='port (default: 7860, or the next free one)')
     p.add_argument('--max-side', type=int, default=DemoConfig.max_lr_side, help='largest LR width/height accepted, pixels')
 
+def _check_port(host: str, port: int):
+    "An OSError naming the port when it cannot be bound on `host` (in use, or not allowed)."
+    if not 0 < int(port) < 65536: raise ValueError(f"--port {port}: use a port from 1 to 65535, or leave it out for a free one.")
+    with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try: s.bind((host, int(port)))
+        except OSError as e:
+            raise OSError(f"Port {port} on {host} is not free ({e.strerror or e}); stop what uses it, pass another --port, "
+                          "or leave --port out for a free one.") from None
+
 def demo_cli_run(a) -> int:
     "Serve the demo until Ctrl-C; returns the exit code."
     if a.max_side < DemoConfig.min_lr_side: raise ValueError(f"--max-side {a.max_side} is below {DemoConfig.min_lr_side}; use e.g. 512.")
+    if a.port is not None: _check_port(a.host, a.port)  # before building anything: a taken port is a one-line error
     demo = make_demo(cfg=DemoConfig(max_lr_side=a.max_side))
     try:
         launch_demo(demo, host=a.host, port=a.port, where='script', block=True)

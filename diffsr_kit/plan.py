@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/36_plan.ipynb #9330cfa1
 from __future__ import annotations
-import contextlib, copy
+import contextlib, copy, os
 
 import torch
 from torch import nn
@@ -14,7 +14,8 @@ from .dist import micro_steps
 from .train import get_task
 
 # %% auto #0
-__all__ = ['MetaScalars', 'FlopCount', 'trace_train_step', 'build_on_meta', 'estimate_run', 'format_estimate']
+__all__ = ['MetaScalars', 'FlopCount', 'trace_train_step', 'build_on_meta', 'estimate_run', 'machine_memory_mb', 'check_memory',
+           'format_estimate']
 
 # %% ../nbs/api/36_plan.ipynb #e5801e20
 class MetaScalars(TorchDispatchMode):
@@ -159,6 +160,29 @@ def estimate_run(cfg, # a run config (e.g. from train.load_run_config)
 
 def _size(mb: float) -> str: return f'{mb / 1024:.1f} GB' if mb >= 1024 else f'{mb:.0f} MB'
 def _dur(s: float) -> str: return f'{s * 1e3:.1f} ms' if s < 1 else f'{s:.2f} s' if s < 600 else f'{s / 3600:.1f} h'
+
+def machine_memory_mb(device: str | torch.device = 'cpu') -> float | None:
+    "Memory one process can plan on: the GPU's total on CUDA, else the machine's physical RAM (None when unknown)."
+    device = torch.device(device)
+    if device.type == 'cuda' and torch.cuda.is_available(): return torch.cuda.get_device_properties(device).total_memory / 2**20
+    try: return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**20
+    except (ValueError, OSError, AttributeError): return None
+
+def check_memory(cfg, # a run config
+                 world: int = 1, # processes the run is split over
+                 frac: float = 0.9, # the share of the machine's memory a run may plan to use
+                ) -> dict:
+    "The run's estimate (`estimate_run`); a ConfigError naming data.batch and data.patch when it needs more than the machine has."
+    from diffsr_kit.config import ConfigError
+    from diffsr_kit.core import get_device
+    e = estimate_run(cfg, world=world)
+    have = machine_memory_mb(get_device(cfg.run.device))
+    need = e['memory_mb']['total']
+    if have is not None and need > frac * have:
+        raise ConfigError(f"This run needs about {_size(need)} per process (weights, optimiser, EMA and activations of data.batch="
+                          f"{cfg.data.batch} patches of {cfg.data.patch}x{cfg.data.patch}) but this machine has {_size(have)}; "
+                          "lower data.batch (raise optim.accum to keep the global batch) or data.patch.")
+    return e
 
 def format_estimate(e: dict) -> str:
     "The estimate as a few readable lines."

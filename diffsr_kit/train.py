@@ -225,7 +225,7 @@ def load_task(path: str | Path, # run folder, ckpt folder, or checkpoint folder
     if not f.exists(): f = ck / 'model.safetensors'
     load_flat_state(task.modules, read_weights(f), optional=cls.train_only)
     if bad := nonfinite_tensors(task.modules):
-        raise ValueError(f"{f} holds non-finite weights ({', '.join(bad[:3])}): the run diverged before this checkpoint. "
+        raise ValueError(f"{f} holds non-finite or exploded weights ({', '.join(bad[:3])}): the run diverged before this checkpoint. "
                          "Use an earlier checkpoint (ckpt/step_*) or retrain with a lower optim.lr.")
     for m in task.modules.values(): m.eval()
     task.step = meta['step']

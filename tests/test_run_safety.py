@@ -125,14 +125,14 @@ def test_nonfinite_weights_never_written_nor_loaded(tmp_path, capsys):
     k = next(k for k in flat if flat[k].is_floating_point())
     flat[k] = flat[k].clone().fill_(float('nan'))
     save_file(flat, str(ck / 'ema.safetensors'))
-    with pytest.raises(ValueError, match='non-finite weights'):
+    with pytest.raises(ValueError, match='non-finite or exploded weights'):
         load_task(run)
     lr = tmp_path / 'lr.png'
     from PIL import Image
     Image.new('RGB', (8, 8), (120, 60, 30)).save(lr)
     assert main(['sample', '--ckpt', str(run), '--input', str(lr), '--out', str(tmp_path / 'sr.png')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'non-finite weights' in err[0], err
+    assert len(err) == 1 and 'non-finite or exploded weights' in err[0], err
     assert not (tmp_path / 'sr.png').exists()
 
 
@@ -217,3 +217,36 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, args, says, tmp_path, small_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], (case, err)
     assert not (tmp_path / 'o.png').exists()
+
+
+def test_a_run_that_cannot_fit_this_machine_is_refused_before_it_starts(tmp_path, capsys):
+    "Before: data.batch=1e9 passed --dry-run and a real run grew by 200 MB/s. Now the plan is checked against this machine."
+    from diffsr_kit.plan import machine_memory_mb
+    have = machine_memory_mb('cpu')
+    assert have is not None and have > 1000
+    args = ['--config', 'configs/tiny_sr3_x4.yaml', 'data.batch=60000', 'run.device=cpu', f'run.out={tmp_path / "big"}']
+    for extra in (['--dry-run'], []):
+        assert main(['train', *args, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and 'data.batch=60000' in err[0] and 'lower data.batch' in err[0], err
+    assert not (tmp_path / 'big').exists()   # nothing was started
+
+
+def test_exploded_but_finite_weights_are_not_a_good_checkpoint(tmp_path):
+    "Before: weights of 1e30 at the step before the NaN were kept as the 'last good' checkpoint and sampled to a black PNG."
+    from diffsr_kit.checkpoint import nonfinite_tensors, WEIGHT_LIMIT
+    from torch import nn
+    m = {'net': nn.Linear(2, 2)}
+    assert nonfinite_tensors(m) == []
+    with torch.no_grad(): m['net'].weight[0, 0] = 1e30
+    assert nonfinite_tensors(m) == ['net.weight'] and 1e30 > WEIGHT_LIMIT
+
+
+def test_demo_on_a_port_in_use_is_one_line(capsys):
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); s.listen(1)
+        port = s.getsockname()[1]
+        assert main(['demo', '--port', str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'Port {port} on 127.0.0.1 is not free' in err[0], err
