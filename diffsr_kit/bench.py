@@ -22,10 +22,10 @@ from .tasks import DDPMTask, SRConfig
 from .diffusion import Diffusion, DiffusionConfig
 
 # %% auto #0
-__all__ = ['TRAIN_VARIANTS', 'device_name', 'time_fn', 'format_table', 'bench_degrade', 'held_out_crops', 'bicubic_sr',
-           'held_out_tiles', 'evaluate_sr', 'diffusers_scheduler', 'diffusers_loop', 'bench_sample', 'peak_flops',
-           'bench_train', 'RefUNetConfig', 'DiffusersRefConfig', 'DiffusersUNet', 'DiffusersUNetTask',
-           'reference_config', 'match_reference', 'bench_reference']
+__all__ = ['TRAIN_VARIANTS', 'device_name', 'format_table', 'bench_degrade', 'held_out_crops', 'bicubic_sr', 'held_out_tiles',
+           'evaluate_sr', 'diffusers_scheduler', 'diffusers_loop', 'bench_sample', 'peak_flops', 'bench_train',
+           'RefUNetConfig', 'DiffusersRefConfig', 'DiffusersUNet', 'DiffusersUNetTask', 'reference_config',
+           'match_reference', 'bench_reference']
 
 # %% ../nbs/api/41_bench.ipynb #9612fee6
 def _cpu_model() -> str:
@@ -46,25 +46,7 @@ def device_name(device=None, # a torch device or name; None: the CPU
     return f"{_cpu_model()} ({n} thread{'' if n == 1 else 's'})"
 
 # %% ../nbs/api/41_bench.ipynb #64c68da4
-def _sync(device):
-    if device is not None and torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
-
-def time_fn(fn: Callable[[], object], # the work to time, called with no arguments
-            repeats: int = 5, # timed calls
-            warmup: int = 1, # untimed calls first
-            device=None, # synchronise this device (CUDA) around each call
-           ) -> dict:
-    "Median, min and all wall-clock times (seconds) of `repeats` calls of `fn` after `warmup` calls."
-    if repeats < 1: raise ValueError(f"repeats={repeats}: time at least one call (repeats >= 1).")
-    for _ in range(warmup): fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return dict(median_s=statistics.median(times), min_s=min(times), times=times)
+from .metrics import time_fn  # the kit's one timing helper (metrics.time_per_image builds on it too)
 
 # %% ../nbs/api/41_bench.ipynb #52e14f42
 def format_table(rows: dict | Sequence[dict], # one result dict, or a list of them (one row each)

@@ -23,7 +23,7 @@ __all__ = ['Y_COEFFS', 'SSIM_SIGMA', 'SSIM_TRUNCATE', 'SSIM_K1', 'SSIM_K2', 'LPI
            'offline', 'weights_file', 'shown_path', 'download_weights', 'load_backbone_state', 'LPIPSMetric', 'mscn',
            'aggd_fit', 'niqe_block_features', 'niqe_features', 'NIQEModel', 'fit_niqe_model', 'kit_niqe_model', 'niqe',
            'SmallSampleWarning', 'recommend_kid', 'fid_from_feats', 'kid_from_feats', 'InceptionFeatures', 'FIDKID',
-           'pixel_std_map', 'mean_pairwise_lpips', 'count_params', 'time_per_image', 'describe_hardware',
+           'pixel_std_map', 'mean_pairwise_lpips', 'count_params', 'time_fn', 'time_per_image', 'describe_hardware',
            'default_metric_implementations', 'ConventionCard', 'evaluate_batch']
 
 # %% ../nbs/api/40_metrics.ipynb #3349ee77
@@ -599,25 +599,41 @@ def _cpu_peak_rss_mb() -> float | None:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == 'darwin' else r / 2**10  # bytes on macOS, KiB on Linux
 
-def _sync(device: torch.device):
+def _sync(device):
+    "Wait for queued work on `device` (CUDA, MPS) so that wall-clock times include it."
+    if device is None: return
+    device = torch.device(device)
     if device.type == 'cuda': torch.cuda.synchronize(device)
     elif device.type == 'mps': torch.mps.synchronize()
+
+def time_fn(fn: Callable[[], object], # the work to time, called with no arguments
+            repeats: int = 5, # timed calls
+            warmup: int = 1, # untimed calls first
+            device=None, # synchronise this device (CUDA, MPS) around each call
+           ) -> dict:
+    "Median, min and all wall-clock times (seconds) of `repeats` calls of `fn` after `warmup` calls: the kit's one timer."
+    import statistics
+    if repeats < 1: raise ValueError(f"repeats={repeats}: time at least one call (repeats >= 1).")
+    for _ in range(warmup): fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return dict(median_s=statistics.median(times), min_s=min(times), times=times)
 
 def time_per_image(fn: Callable, # called as fn(batch); e.g. lambda lr: sampler(model, lr)
                    batch: torch.Tensor, # (N,...) inputs; N images per call
                    repeats: int = 3, # timed calls
                    warmup: int = 1, # untimed calls first
                   ) -> dict:
-    "Seconds per image, images per second and peak memory (MiB) of `fn(batch)`."
+    "Seconds per image (the median call of `time_fn`), images per second and peak memory (MiB) of `fn(batch)`."
     dev, n = batch.device, len(batch)
     with torch.no_grad():
-        for _ in range(warmup): fn(batch)
-        _sync(dev)
         if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        for _ in range(repeats): fn(batch)
-        _sync(dev)
-        dt = (time.perf_counter() - t0) / (repeats * n)
+        dt = time_fn(lambda: fn(batch), repeats, warmup, dev)['median_s'] / n
     if dev.type == 'cuda': mem, kind = torch.cuda.max_memory_allocated(dev) / 2**20, 'CUDA max_memory_allocated'
     else: mem, kind = _cpu_peak_rss_mb(), 'process peak RSS (upper bound)'
     return {'sec_per_img': dt, 'img_per_s': 1 / dt, 'peak_mem_mb': mem, 'mem_kind': kind, 'device': str(dev), 'batch': n}
