@@ -5,6 +5,7 @@
 # %% ../nbs/api/31_tasks.ipynb #29e3703a
 from __future__ import annotations
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
