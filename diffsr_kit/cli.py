@@ -134,11 +134,11 @@ def read_image_file(path: str | Path, # an image file PIL can read (PNG, JPEG, W
     "Read an image file into a CHW float tensor in [0, 1] (data.read_image's conversions, EXIF orientation applied)."
     import numpy as np, torch
     from diffsr_kit.data import read_image
-    from diffsr_kit.demo import EXIF_ORIENTATIONS, _probe
+    from diffsr_kit.data import EXIF_ORIENTATIONS, probe_image
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"No such image file: {path}. Check the path.")
     if path.is_dir(): raise ValueError(f"{path} is a folder; pass an image file (PNG, JPEG, WebP or TIFF).")
-    p = _probe(path, repr(str(path)))  # the demo's header check: format, size, orientation; no pixels decoded yet
+    p = probe_image(path, repr(str(path)))  # the demo's header check: format, size, orientation; no pixels decoded yet
     if max(p['width'], p['height']) > CLI_MAX_SIDE:
         raise ValueError(f"{path} is {p['width']}x{p['height']} pixels; the CLI reads images up to {CLI_MAX_SIDE} pixels a side "
                          "(larger ones are refused before decoding). Crop or downscale it first.")

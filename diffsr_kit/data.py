@@ -19,9 +19,11 @@ from .core import to_float01, normalize01, to_rgb, to_grey, to_model
 from .degrade import DegradeConfig, degrade
 
 # %% auto #0
-__all__ = ['MODALITIES', 'IMAGES', 'ALIASES', 'CT_WINDOW', 'SPLITS', 'IMG_EXTS', 'PIL_MODES', 'SMALL_POLICIES', 'PICKS', 'EXTRAS',
-           'ImageInfo', 'hounsfield', 'get_info', 'split_of', 'load_raw', 'load_image', 'list_images', 'images_table',
-           'read_image', 'find_images', 'ImageFolderHR', 'HRPatches', 'collate', 'PairedFolder']
+__all__ = ['MODALITIES', 'IMAGES', 'ALIASES', 'CT_WINDOW', 'SPLITS', 'IMG_EXTS', 'PIL_MODES', 'ACCEPTED_FORMATS', 'GREY_NOTE',
+           'MODE_NOTES', 'DEEP_COLOUR_NOTE', 'EXIF_ORIENTATIONS', 'SMALL_POLICIES', 'PICKS', 'EXTRAS', 'ImageInfo',
+           'hounsfield', 'get_info', 'split_of', 'load_raw', 'load_image', 'list_images', 'images_table', 'read_image',
+           'find_images', 'ImageInputError', 'probe_image', 'read_upload', 'ImageFolderHR', 'HRPatches', 'collate',
+           'PairedFolder']
 
 # %% ../nbs/api/02_data.ipynb #cbb425d3
 MODALITIES = ('natural', 'face', 'texture', 'medical', 'graphic')
@@ -333,6 +335,102 @@ def _headers(files: list[Path], root) -> tuple[list[Path], list[tuple[int, int]]
         raise ValueError(f"None of the {len(files)} image file(s) under {str(root)!r} could be read. "
                          "Check that they are real PNG/JPEG/TIFF/BMP/WebP files.")
     return ok, sizes
+
+# %% ../nbs/api/02_data.ipynb #05be1971
+ACCEPTED_FORMATS = ('PNG', 'JPEG', 'WEBP', 'TIFF', 'BMP')  # PIL format names an upload may have
+
+class ImageInputError(ValueError):
+    "A bad input file or option; the message says what is wrong and what to do (the demo's ImageInputError)."
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind  # 'no_input', 'empty', 'not_image', 'format', 'corrupt', 'too_large', 'too_small', 'too_much', 'option'
+
+GREY_NOTE = "converted to RGB (the grey value repeated in R, G and B)"
+_GREY = GREY_NOTE
+_BITS16 = "scaled to [0, 1] by 1/65535 and " + _GREY + "; the outputs are 8-bit PNG"
+MODE_NOTES: dict[str, str] = {  # PIL mode -> the note shown when an upload has it
+    '1': "1-bit black-and-white image: " + _GREY + ".",
+    'L': "greyscale image: " + _GREY + ".",
+    'LA': "greyscale image with an alpha channel: composited over white, then " + _GREY + ".",
+    'RGBA': "RGBA image: the alpha channel was composited over white.",
+    'P': "palette image: expanded to RGB (transparent pixels composited over white).",
+    'I;16': "16-bit greyscale image: " + _BITS16 + ".",
+    'I;16B': "16-bit greyscale image: " + _BITS16 + ".",
+    'I;16L': "16-bit greyscale image: " + _BITS16 + ".",
+    'I': "32-bit integer image holding 16-bit data: " + _BITS16 + ".",
+    'F': "32-bit float image (values must lie in [0, 1]): " + _GREY + "; the outputs are 8-bit PNG.",
+    'CMYK': "CMYK image: converted to RGB by PIL (no colour management).",
+    'YCbCr': "YCbCr image: converted to RGB by PIL.",
+}
+DEEP_COLOUR_NOTE = ("16-bit-per-channel colour image: PIL reads only the top 8 bits of each channel "
+                    "(the low 8 bits are dropped); the outputs are 8-bit PNG.")
+
+# EXIF orientation tag -> (what it means, the array operation that makes the image upright),
+# the same operations as PIL.ImageOps.exif_transpose
+EXIF_ORIENTATIONS: dict[int, tuple[str, Callable]] = {
+    2: ('mirrored', lambda a: a[:, ::-1]),
+    3: ('rotated 180 degrees', lambda a: a[::-1, ::-1]),
+    4: ('flipped upside down', lambda a: a[::-1]),
+    5: ('mirrored and rotated', lambda a: a.transpose(1, 0, 2)),
+    6: ('rotated 90 degrees', lambda a: np.rot90(a, -1)),
+    7: ('mirrored and rotated', lambda a: a[::-1, ::-1].transpose(1, 0, 2)),
+    8: ('rotated 270 degrees', lambda a: np.rot90(a, 1)),
+}
+
+def probe_image(path: Path, # the file
+                name: str, # how messages name it
+               ) -> dict:
+    "Format, mode, size, EXIF orientation and bit depth from the file header (no pixels decoded)."
+    if path.stat().st_size == 0:
+        raise ImageInputError('empty', f"The uploaded file {name} is empty (0 bytes). Upload the image again.")
+    try: im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageInputError('too_large', f"{name} is too large: {e} Crop or downscale it first.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageInputError('not_image', f"{name} is not an image file that PIL can read ({type(e).__name__}). "
+                             "Upload a PNG, JPEG, WebP or TIFF image.") from None
+    with im:
+        p = dict(format=im.format, mode=im.mode, width=im.size[0], height=im.size[1], frames=getattr(im, 'n_frames', 1),
+                 deep=any(';16' in str(t[3]) for t in (im.tile or [])))  # raw 16-bit samples; read before getexif (PNG loads there)
+        try: p['orientation'] = int(im.getexif().get(0x0112, 1))
+        except Exception: p['orientation'] = 1  # unreadable EXIF: keep the pixels as stored
+        return p
+
+# %% ../nbs/api/02_data.ipynb #7af377fb
+def read_upload(path, # an uploaded file (str or Path); None: nothing was uploaded
+                max_side: int = 512, # largest width or height accepted, pixels
+                name: str | None = None, # how to name the file in messages (default: its file name)
+               ) -> tuple[np.ndarray, list[str]]:
+    "An uploaded image as float32 HWC RGB in [0, 1] and notes on each conversion; ImageInputError for bad files."
+    if path is None or str(path) == '':
+        raise ImageInputError('no_input', "No image: upload an image file or pick a sample image.")
+    path = Path(path)
+    name = repr(name or path.name)
+    if not path.is_file(): raise ImageInputError('no_input', f"No image: the file {name} does not exist. Upload it again.")
+    p = probe_image(path, name)
+    if p['format'] not in ACCEPTED_FORMATS:
+        raise ImageInputError('format', f"{name} is a {p['format']} file; the demo accepts {', '.join(ACCEPTED_FORMATS)} "
+                             "images. Convert it to PNG first.")
+    if p['width'] > max_side or p['height'] > max_side:
+        raise ImageInputError('too_large', f"{name} is too large: {p['width']}x{p['height']} pixels, and this demo accepts "
+                             f"at most {max_side}x{max_side} here. Crop or downscale it first, or start the demo with a "
+                             "larger limit (`diffsr demo --max-side N`, or make_demo(cfg=DemoConfig(max_lr_side=N))).")
+    if p['mode'] not in PIL_MODES:
+        raise ImageInputError('format', f"{name} has PIL mode {p['mode']!r}, which the kit does not convert. "
+                             "Re-save it as an 8-bit or 16-bit PNG (RGB, RGBA or greyscale).")
+    try: a = read_image(path, channels=3)
+    except Exception as e:
+        raise ImageInputError('corrupt', f"{name} looks like a {p['format']} image but could not be decoded "
+                             f"({type(e).__name__}: {e}). The file is corrupt or truncated: re-save or re-export it "
+                             "and upload it again.") from None
+    notes = [MODE_NOTES[p['mode']]] if p['mode'] in MODE_NOTES else []
+    if p['deep'] and p['mode'] in ('RGB', 'RGBA'): notes.append(DEEP_COLOUR_NOTE)
+    if p['orientation'] in EXIF_ORIENTATIONS:
+        what, op = EXIF_ORIENTATIONS[p['orientation']]
+        a = np.ascontiguousarray(op(a))
+        notes.append(f"turned upright using its EXIF orientation tag ({p['orientation']}: stored {what}).")
+    if p['frames'] > 1: notes.append(f"the file holds {p['frames']} frames or pages; only the first is used.")
+    return a, notes
 
 # %% ../nbs/api/02_data.ipynb #157b9d2d
 class ImageFolderHR(Dataset):

@@ -15,18 +15,18 @@ from PIL import Image, UnidentifiedImageError
 
 from .core import tensor2uint8, atomic_write, STEP_HOOK, assets_dir
 from .zoo import shipped
-from .data import PIL_MODES, get_info, list_images, load_image, read_image
+from .data import (PIL_MODES, get_info, list_images, load_image, read_image, read_upload, probe_image, ImageInputError,
+                             ACCEPTED_FORMATS, MODE_NOTES, DEEP_COLOUR_NOTE, EXIF_ORIENTATIONS, GREY_NOTE)
+_probe = probe_image  # the name the CLI and older code used
 from .degrade import DegradeConfig, degrade, describe, resize
 from .metrics import lr_psnr, pixel_std_map, psnr, ssim
 
 # %% auto #0
-__all__ = ['MODELS', 'ACCEPTED_FORMATS', 'MODE_NOTES', 'DEEP_COLOUR_NOTE', 'EXIF_ORIENTATIONS', 'DEGRADATIONS',
-           'OUTPUT_MAX_AGE_S', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS', 'SRModel', 'bicubic_upsample',
-           'bicubic_model', 'register_model', 'models_available', 'checkpoint_model', 'register_shipped',
-           'DemoCancelled', 'DemoInputError', 'read_upload', 'DemoConfig', 'UpscaleResult', 'default_models',
-           'default_model', 'output_root', 'clean_outputs', 'write_outputs', 'upscale', 'make_demo',
-           'detect_environment', 'host_warning', 'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args',
-           'demo_cli_run']
+__all__ = ['MODELS', 'DemoInputError', 'DEGRADATIONS', 'OUTPUT_MAX_AGE_S', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS',
+           'SRModel', 'bicubic_upsample', 'bicubic_model', 'register_model', 'models_available', 'checkpoint_model',
+           'register_shipped', 'DemoCancelled', 'DemoConfig', 'UpscaleResult', 'default_models', 'default_model',
+           'output_root', 'clean_outputs', 'write_outputs', 'upscale', 'make_demo', 'detect_environment',
+           'host_warning', 'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args', 'demo_cli_run']
 
 # %% ../nbs/api/52_demo.ipynb #a62d4a35
 @dataclass
@@ -130,100 +130,10 @@ def register_shipped(registry: dict | None = None) -> list[str]:
 register_shipped()
 
 # %% ../nbs/api/52_demo.ipynb #05be1971
-ACCEPTED_FORMATS = ('PNG', 'JPEG', 'WEBP', 'TIFF', 'BMP')  # PIL format names the demo decodes
-
 class DemoCancelled(Exception):
     "The request was cancelled; its computation stopped at the next sampling step."
 
-class DemoInputError(ValueError):
-    "A bad input or option; the message says what is wrong and what to do."
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind  # 'no_input', 'empty', 'not_image', 'format', 'corrupt', 'too_large', 'too_small', 'too_much', 'option'
-
-_GREY = "converted to RGB (the grey value repeated in R, G and B)"
-_BITS16 = "scaled to [0, 1] by 1/65535 and " + _GREY + "; the outputs are 8-bit PNG"
-MODE_NOTES: dict[str, str] = {  # PIL mode -> the note shown when an upload has it
-    '1': "1-bit black-and-white image: " + _GREY + ".",
-    'L': "greyscale image: " + _GREY + ".",
-    'LA': "greyscale image with an alpha channel: composited over white, then " + _GREY + ".",
-    'RGBA': "RGBA image: the alpha channel was composited over white.",
-    'P': "palette image: expanded to RGB (transparent pixels composited over white).",
-    'I;16': "16-bit greyscale image: " + _BITS16 + ".",
-    'I;16B': "16-bit greyscale image: " + _BITS16 + ".",
-    'I;16L': "16-bit greyscale image: " + _BITS16 + ".",
-    'I': "32-bit integer image holding 16-bit data: " + _BITS16 + ".",
-    'F': "32-bit float image (values must lie in [0, 1]): " + _GREY + "; the outputs are 8-bit PNG.",
-    'CMYK': "CMYK image: converted to RGB by PIL (no colour management).",
-    'YCbCr': "YCbCr image: converted to RGB by PIL.",
-}
-DEEP_COLOUR_NOTE = ("16-bit-per-channel colour image: PIL reads only the top 8 bits of each channel "
-                    "(the low 8 bits are dropped); the outputs are 8-bit PNG.")
-
-# EXIF orientation tag -> (what it means, the array operation that makes the image upright),
-# the same operations as PIL.ImageOps.exif_transpose
-EXIF_ORIENTATIONS: dict[int, tuple[str, Callable]] = {
-    2: ('mirrored', lambda a: a[:, ::-1]),
-    3: ('rotated 180 degrees', lambda a: a[::-1, ::-1]),
-    4: ('flipped upside down', lambda a: a[::-1]),
-    5: ('mirrored and rotated', lambda a: a.transpose(1, 0, 2)),
-    6: ('rotated 90 degrees', lambda a: np.rot90(a, -1)),
-    7: ('mirrored and rotated', lambda a: a[::-1, ::-1].transpose(1, 0, 2)),
-    8: ('rotated 270 degrees', lambda a: np.rot90(a, 1)),
-}
-
-def _probe(path: Path, name: str) -> dict:
-    "Format, mode, size, EXIF orientation and bit depth from the file header (no pixels decoded)."
-    if path.stat().st_size == 0:
-        raise DemoInputError('empty', f"The uploaded file {name} is empty (0 bytes). Upload the image again.")
-    try: im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise DemoInputError('too_large', f"{name} is too large: {e} Crop or downscale it first.") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DemoInputError('not_image', f"{name} is not an image file that PIL can read ({type(e).__name__}). "
-                             "Upload a PNG, JPEG, WebP or TIFF image.") from None
-    with im:
-        p = dict(format=im.format, mode=im.mode, width=im.size[0], height=im.size[1], frames=getattr(im, 'n_frames', 1),
-                 deep=any(';16' in str(t[3]) for t in (im.tile or [])))  # raw 16-bit samples; read before getexif (PNG loads there)
-        try: p['orientation'] = int(im.getexif().get(0x0112, 1))
-        except Exception: p['orientation'] = 1  # unreadable EXIF: keep the pixels as stored
-        return p
-
-# %% ../nbs/api/52_demo.ipynb #7af377fb
-def read_upload(path, # an uploaded file (str or Path); None: nothing was uploaded
-                max_side: int = 512, # largest width or height accepted, pixels
-                name: str | None = None, # how to name the file in messages (default: its file name)
-               ) -> tuple[np.ndarray, list[str]]:
-    "An uploaded image as float32 HWC RGB in [0, 1] and notes on each conversion; DemoInputError for bad files."
-    if path is None or str(path) == '':
-        raise DemoInputError('no_input', "No image: upload an image file or pick a sample image.")
-    path = Path(path)
-    name = repr(name or path.name)
-    if not path.is_file(): raise DemoInputError('no_input', f"No image: the file {name} does not exist. Upload it again.")
-    p = _probe(path, name)
-    if p['format'] not in ACCEPTED_FORMATS:
-        raise DemoInputError('format', f"{name} is a {p['format']} file; the demo accepts {', '.join(ACCEPTED_FORMATS)} "
-                             "images. Convert it to PNG first.")
-    if p['width'] > max_side or p['height'] > max_side:
-        raise DemoInputError('too_large', f"{name} is too large: {p['width']}x{p['height']} pixels, and this demo accepts "
-                             f"at most {max_side}x{max_side} here. Crop or downscale it first, or start the demo with a "
-                             "larger limit (`diffsr demo --max-side N`, or make_demo(cfg=DemoConfig(max_lr_side=N))).")
-    if p['mode'] not in PIL_MODES:
-        raise DemoInputError('format', f"{name} has PIL mode {p['mode']!r}, which the kit does not convert. "
-                             "Re-save it as an 8-bit or 16-bit PNG (RGB, RGBA or greyscale).")
-    try: a = read_image(path, channels=3)
-    except Exception as e:
-        raise DemoInputError('corrupt', f"{name} looks like a {p['format']} image but could not be decoded "
-                             f"({type(e).__name__}: {e}). The file is corrupt or truncated: re-save or re-export it "
-                             "and upload it again.") from None
-    notes = [MODE_NOTES[p['mode']]] if p['mode'] in MODE_NOTES else []
-    if p['deep'] and p['mode'] in ('RGB', 'RGBA'): notes.append(DEEP_COLOUR_NOTE)
-    if p['orientation'] in EXIF_ORIENTATIONS:
-        what, op = EXIF_ORIENTATIONS[p['orientation']]
-        a = np.ascontiguousarray(op(a))
-        notes.append(f"turned upright using its EXIF orientation tag ({p['orientation']}: stored {what}).")
-    if p['frames'] > 1: notes.append(f"the file holds {p['frames']} frames or pages; only the first is used.")
-    return a, notes
+DemoInputError = ImageInputError  # a bad input or option: the same error as the decoder's, with its `kind`
 
 # %% ../nbs/api/52_demo.ipynb #ba95c6dc
 DEGRADATIONS = ('classic', 'shuffled', 'none')  # how the input becomes LR: bicubic, the shuffled pipeline, or as is
@@ -332,7 +242,7 @@ def _read_input(image, sample, max_side: int, notes: list) -> tuple[np.ndarray, 
         raise DemoInputError('too_large', f"Sample {info.name!r} is too large: {w}x{h} pixels, and this demo accepts at "
                              f"most {max_side}x{max_side} here. Pick a larger scale with a degradation, or another sample.")
     a = load_image(info.name, channels=3)
-    if info.channels == 1: notes.append(f"sample {info.name!r} is greyscale: {_GREY}.")
+    if info.channels == 1: notes.append(f"sample {info.name!r} is greyscale: {GREY_NOTE}.")
     if info.note: notes.append(f"sample {info.name!r}: {info.note}.")
     return a, f"sample {info.name!r} ({info.source})"
 
