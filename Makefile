@@ -7,7 +7,7 @@ EXTRAS  ?= dev,demo,medical
 export MPLBACKEND ?= Agg
 export GRADIO_ANALYTICS_ENABLED ?= False
 
-.PHONY: tour test lab demo screenshot export clean-venv
+.PHONY: tour test lab demo screenshot export clean-venv lessons
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash .ci/sync_check
 	$(BIN)/ruff check --select F821 diffsr_kit
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+## Execute every lesson in full mode with the shipped checkpoints and store its outputs (two at a time)
+lessons: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/run_lessons.py --jobs 2
 
 ## JupyterLab on the lessons
 lab: $(STAMP)
