@@ -289,6 +289,7 @@ def _peak_memory_mb(dev: torch.device) -> float | None:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == 'darwin' else r / 1024
 
+# %% ../nbs/api/41_bench.ipynb #c17b2d92
 def bench_train(cfg, # a run config (e.g. from train.load_run_config)
                 steps: int = 10, # timed steps
                 warmup: int = 3, # untimed steps first
@@ -382,6 +383,7 @@ def reference_config(cfg, width: int) -> DiffusersRefConfig:
           'ref': {'block_out_channels': [width * k for k in m.ch_mult], 'layers_per_block': m.n_res, 'attn_levels': list(attn)}}
     return config_from_dict(DiffusersRefConfig, rc)
 
+# %% ../nbs/api/41_bench.ipynb #aa5a8616
 def match_reference(cfg, target: float, # FLOPs per image to match
                    ) -> tuple[DiffusersRefConfig, float]:
     "(reference config, its FLOPs / target) for the multiple-of-8 base width whose FLOPs are closest to `target`."

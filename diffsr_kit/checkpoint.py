@@ -82,6 +82,7 @@ def rng_state() -> dict:
     if torch.cuda.is_available(): st['cuda'] = torch.cuda.get_rng_state_all()
     return st
 
+# %% ../nbs/api/28_checkpoint.ipynb #a69959ca
 def set_rng_state(st: dict):
     "Restore what `rng_state` saved."
     import ast

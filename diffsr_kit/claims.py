@@ -238,6 +238,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           note=_LD_NOTE + " lddpm.w_content = lddpm.w_style = 1 (eq. 18)."),
 ]}
 
+# %% ../nbs/api/43_claims.ipynb #d762ffaf
 def claims_table(ids: Sequence[str] | None = None) -> list[dict]:
     "One row per claim: id, source, metric, expected ordering, number of arms."
     return [dict(claim=c.id, source=c.source, metric=METRICS[c.metric].label, expected=c.expected_text(), arms=len(c.arms))
@@ -510,6 +511,7 @@ def _measured(arms: list[Arm], status: dict, runs_dir: Path, seeds: int = 1) -> 
                        'overrides': list(a.overrides) + ([f'{a.base_key}=<{a.base} run>'] if a.base else []), 'card': rs[0]['card']}
     return out
 
+# %% ../nbs/api/43_claims.ipynb #2ad9e34c
 def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CLAIMS)
                minutes: float = 3.0, # wall-clock training budget of every arm (run.max_minutes)
                out: str | Path = 'results', # folder for claims.md and claims.json
@@ -646,6 +648,7 @@ def _budget_text(h: dict) -> str:
             "so that the clock stops it, and the learning-rate decay follows the clock); equal minutes are not equal steps, "
             "see the Steps column.")
 
+# %% ../nbs/api/43_claims.ipynb #a9e796ee
 def claims_markdown(report: dict) -> str:
     "The report as Markdown: stated budget, the claims table, the arms' numbers, notes and the evaluation convention."
     h = report['header']
@@ -697,6 +700,7 @@ def claims_markdown(report: dict) -> str:
         lines += ['', '## Evaluation convention', '', ConventionCard(**card).to_markdown()]
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/api/43_claims.ipynb #7752290c
 def write_claims(report: dict, out: str | Path = 'results') -> tuple[Path, Path]:
     "Write `claims.md` and `claims.json` into `out`; returns their paths."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,7 @@ def _degrade_args(p):
     p.add_argument('--seed', type=int, default=0, help='seed of the random degradation')
     p.add_argument('--out', required=True, help='output LR image (PNG)')
 
+# %% ../nbs/api/60_cli.ipynb #c9994534
 @_degrade_args.runner
 def _degrade(a) -> int:
     from diffsr_kit.degrade import DegradeConfig, degrade

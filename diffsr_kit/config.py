@@ -85,6 +85,7 @@ def load_config(schema: Type[T], # the dataclass of the whole config
     try: return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e: raise _config_error(e, 'the merged config') from None
 
+# %% ../nbs/api/29_config.ipynb #3500861f
 def config_to_dict(cfg) -> dict:
     "A plain (YAML-safe) dict of a config dataclass: tuples become lists."
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -318,6 +318,7 @@ def find_images(path, # a folder, searched recursively
                          "Put images there, or pass the folder that holds them.")
     return files
 
+# %% ../nbs/api/02_data.ipynb #c2b80dad
 def _hwc2chw(a: np.ndarray) -> torch.Tensor: return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 def _headers(files: list[Path], root) -> tuple[list[Path], list[tuple[int, int]]]:
@@ -634,6 +635,7 @@ class HRPatches(Dataset):
         return (f"HRPatches({len(self.names)} images, {self.length} items, patch={self.patch}, scale={self.scale}, "
                 f"degradation={deg!r}, seed={self.seed})")
 
+# %% ../nbs/api/02_data.ipynb #0cee1626
 def collate(batch: list[dict]) -> dict:
     "Batch HRPatches / PairedFolder items: default_collate for tensors, names and seeds; `params` stay a list of dicts."
     params = [b['params'] for b in batch] if 'params' in batch[0] else None

@@ -183,6 +183,7 @@ def default_models() -> list[str]:
     "The zoo's preselection order (`demo_rank`): a trained diffusion model first, never bicubic when one is usable."
     return [m.key for m in sorted((m for m in shipped('demo') if m.demo_rank is not None), key=lambda m: m.demo_rank)]
 
+# %% ../nbs/api/52_demo.ipynb #9c70fcf9
 def default_model(models: dict, scale: int) -> str | None:
     "The name shown first for `scale`: the first of `default_models()` that is usable here, else the first model of that scale."
     fit = [n for n, m in models.items() if m.scale == scale]
@@ -264,6 +265,7 @@ def _scores(sr: torch.Tensor, lr: torch.Tensor, hr: torch.Tensor | None) -> dict
         d['ssim'] = _num(ssim(sr, hr.expand(K, -1, -1, -1)).mean())
     return d
 
+# %% ../nbs/api/52_demo.ipynb #0cbf0b99
 def _colour_map(m: np.ndarray, # (H,W) >= 0
                ) -> np.ndarray:
     "uint8 (H,W,3): m / max(m) through matplotlib's 'magma' colour map (all black when m is 0)."

@@ -74,6 +74,7 @@ def device_for(prefer=None, # 'cuda', 'cpu', ... or None (core.get_device's choi
     if dev.type == 'cuda' and dev.index is None and info.world > 1: return torch.device('cuda', info.local_rank)
     return dev
 
+# %% ../nbs/api/35_dist.ipynb #e91faf7c
 def init(device=None, # the run's device preference (run.device)
         ) -> tuple[DistInfo, bool]:
     "Join the torchrun job (NCCL on CUDA, gloo on CPU); returns (info, created). A no-op in a world of 1 or if already joined."
@@ -193,6 +194,7 @@ def all_reduce_grads(params: Sequence[torch.Tensor], # one optimiser's parameter
     if grads: _flat_collective(grads, tdist.all_reduce, bucket_mb)
     return bad > 0
 
+# %% ../nbs/api/35_dist.ipynb #bde38182
 def all_reduce_mean(values: dict, # name -> number (same names on every rank)
                     weight: float = 1.0, # this rank's weight (e.g. its number of validation images)
                    ) -> dict[str, float]:

@@ -371,12 +371,12 @@ def niqe_features(img: np.ndarray, # (H, W) grey image, float, [0, 255]
         im = _half(im)
     return np.concatenate(feats, axis=1), sharp
 
+# %% ../nbs/api/40_metrics.ipynb #955b69c9
 def _half(im: np.ndarray) -> np.ndarray:
     "Bicubic downsampling by 2 with antialiasing (`degrade.resize`, MATLAB's imresize(0.5) default)."
     from diffsr_kit.degrade import resize
     t = torch.from_numpy(im)[None, None]
     return resize(t, (im.shape[0] // 2, im.shape[1] // 2), 'bicubic')[0, 0].numpy()
-
 
 # %% ../nbs/api/40_metrics.ipynb #b060a39a
 @dataclass(frozen=True)

@@ -168,6 +168,7 @@ def machine_memory_mb(device: str | torch.device = 'cpu') -> float | None:
     try: return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**20
     except (ValueError, OSError, AttributeError): return None
 
+# %% ../nbs/api/36_plan.ipynb #554b0853
 def check_memory(cfg, # a run config
                  world: int = 1, # processes the run is split over
                  frac: float = 0.9, # the share of the machine's memory a run may plan to use

@@ -341,6 +341,7 @@ def quality_markdown(res: dict, # bench_quality's result
     parts += ['## Convention card', '', card.to_markdown(), '']
     return '\n'.join(parts)
 
+# %% ../nbs/api/42_quality.ipynb #f8db2039
 def perception_distortion_figure(rows: list[dict], # rows of bench_quality (psnr and niqe used)
                                  title: str = 'Perception-distortion plane'):
     "PSNR (distortion: right is better) against NIQE (perception: the axis is inverted, up is better), one point per row."

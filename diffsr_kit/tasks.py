@@ -92,6 +92,7 @@ def load_regressor(path: str, device, scale: int) -> tuple:
                           f"it must be a residual 'regression' checkpoint of scale {scale}.")
     return t.eval_modules['unet'].eval().requires_grad_(False), t.cfg.model
 
+# %% ../nbs/api/31_tasks.ipynb #8dfd564c
 def regressor_arch(cfg) -> str:
     "Fill cfg.regressor_model from the meta.json of a residual chain's frozen regressor (config key `regressor`); what was read."
     import json

@@ -495,6 +495,7 @@ def _setup(cfg, cls, D: dist.DistInfo, resume: bool) -> _Run:
     r.t0 = _now()
     return r
 
+# %% ../nbs/api/30_train.ipynb #af21f36b
 def _resume(r: _Run) -> bool:
     "Load the run folder's latest checkpoint into the run (weights, EMA, optimisers, step, budget plan); whether the RNG was restored."
     ck, task, D = find_checkpoint(r.dir), r.task, r.D
@@ -563,6 +564,7 @@ def _log(r: _Run, logs: dict, bar):
     if r.D.is_main: _log_row(r.dir / 'log.csv', logs)
     bar.set_postfix({k: f'{v:.4g}' for k, v in logs.items() if 'loss' in k})
 
+# %% ../nbs/api/30_train.ipynb #2edb475a
 def _validate(r: _Run, done: int, last: bool):
     "Score the EMA weights on the fixed validation batch (after `Task.finish` on the last step); the training RNG is untouched."
     task, D = r.task, r.D

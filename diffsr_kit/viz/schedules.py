@@ -434,6 +434,7 @@ class ScheduleExplorer:
         from IPython.display import display
         display(self.widget)
 
+# %% ../../nbs/api/50_viz_schedules.ipynb #d55401ad
 def schedule_explorer(images: dict[str, np.ndarray] | None = None, # name -> HW/HWC array in [0, 1]; None: sample images
                       names: Sequence[str] | None = None, # schedules offered; None: all
                       **kwargs, # name, T, t, seed, size, max_T, figure_widget (see ScheduleExplorer)
