@@ -17,7 +17,6 @@ from .core import tensor2uint8, atomic_write, STEP_HOOK, assets_dir
 from .zoo import shipped
 from .data import (PIL_MODES, get_info, list_images, load_image, read_image, read_upload, probe_image, ImageInputError,
                              ACCEPTED_FORMATS, MODE_NOTES, DEEP_COLOUR_NOTE, EXIF_ORIENTATIONS, GREY_NOTE)
-_probe = probe_image  # the name the CLI and older code used
 from .degrade import DegradeConfig, degrade, describe, resize
 from .metrics import lr_psnr, pixel_std_map, psnr, ssim
 
