@@ -4,7 +4,7 @@
 
 # %% ../nbs/api/43_claims.ipynb #da04bd13
 from __future__ import annotations
-import contextlib, datetime, json, os, re, shutil, subprocess, sys, time
+import contextlib, dataclasses, datetime, functools, json, os, re, shutil, subprocess, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Sequence
@@ -17,10 +17,12 @@ from .core import atomic_write_text, repo_root
 from .stats import paired_differences, decide, ideal_bound
 
 # %% auto #0
-__all__ = ['METRICS', 'REQUIREMENTS', 'ARMS', 'CLAIMS', 'STEPS_UNCAPPED', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'Metric', 'Arm',
-           'Claim', 'unmet', 'claims_table', 'select_claims', 'check_registry', 'slug', 'run_dir', 'budget_overrides',
-           'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'verdict', 'reference_bounds',
-           'train_and_evaluate', 'run_claims', 'build_report', 'claims_markdown', 'write_claims']
+__all__ = ['METRICS', 'REQUIREMENTS', 'DIRECT', 'UP_RESIDUAL', 'ARMS', 'CLAIMS', 'BUDGETS', 'EVAL_CALL_SECONDS', 'START_MINUTES',
+           'STEPS_UNCAPPED', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'Metric', 'Arm', 'Claim', 'unmet', 'claims_table',
+           'select_claims', 'check_registry', 'slug', 'arm_minutes', 'run_cost_minutes', 'plan_claims', 'run_dir',
+           'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'arm_differences',
+           'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate', 'run_claims', 'build_report',
+           'claims_markdown', 'write_claims']
 
 # %% ../nbs/api/43_claims.ipynb #200d85fe
 @dataclass(frozen=True)
@@ -107,24 +109,28 @@ def unmet(arm: Arm) -> str:
 
 # %% ../nbs/api/43_claims.ipynb #c06a613d
 _P = {k: f'configs/tiny_{k}_x4.yaml' for k in ('sr3', 'sr4', 'vae_ddpm', 'vqvae_ddpm', 'srddgan', 'cgdpm', 'lddpm')}
-_SR3_RUNS = {'sr3:linear+direct': (), 'sr3:cosine+direct': ('diffusion.schedule=cosine',),
-             'sr3:linear+residual': ('diffusion.residual=true',),
-             'sr3:cosine+residual': ('diffusion.schedule=cosine', 'diffusion.residual=true')}  # SR4 Table 1's 2x2
+# The shipped SR presets diffuse the residual to a frozen regressor; the papers' comparisons do not, so every pixel arm
+# says its chain explicitly: SR3's chain on HR itself, or SR4's residual HR - Up(LR) (eq. 9), no regressor in either.
+DIRECT = ("regressor=''", 'diffusion.residual=false')
+UP_RESIDUAL = ("regressor=''", 'diffusion.residual=true')
+_SR3_RUNS = {'sr3:linear+direct': DIRECT, 'sr3:cosine+direct': ('diffusion.schedule=cosine',) + DIRECT,
+             'sr3:linear+residual': UP_RESIDUAL,
+             'sr3:cosine+residual': ('diffusion.schedule=cosine',) + UP_RESIDUAL}  # SR4 Table 1's 2x2
 
 def _registry() -> dict[str, Arm]:
     from diffsr_kit.lddpm import ABLATION_ROWS
     arms = [Arm(f'{r}@ddim10', _P['sr3'], ov, 'ddim', 10, run=r) for r, ov in _SR3_RUNS.items()]
-    arms += [Arm('sr3:linear+direct@ddim50', _P['sr3'], (), 'ddim', 50, run='sr3:linear+direct'),
+    arms += [Arm('sr3:linear+direct@ddim50', _P['sr3'], _SR3_RUNS['sr3:linear+direct'], 'ddim', 50, run='sr3:linear+direct'),
              Arm('sr3:cosine+direct@ddim50', _P['sr3'], _SR3_RUNS['sr3:cosine+direct'], 'ddim', 50, run='sr3:cosine+direct'),
-             Arm('sr4@ddim10', _P['sr4'], (), 'ddim', 10, run='sr4'),
+             Arm('sr4@ddim10', _P['sr4'], ("regressor=''",), 'ddim', 10, run='sr4'),  # SR4's own residual: HR - Up(LR)
              # SR4 Table 1's step claim: two models trained with T = 2000 and T = 500, each at its own full chain and at DDIM-50
-             Arm('sr3:T2000@full', _P['sr3'], ('diffusion.T=2000',), 'ddpm', 2000, run='sr3:T2000'),
-             Arm('sr3:T500@full', _P['sr3'], ('diffusion.T=500',), 'ddpm', 500, run='sr3:T500'),
-             Arm('sr3:T2000@ddim50', _P['sr3'], ('diffusion.T=2000',), 'ddim', 50, run='sr3:T2000'),
-             Arm('sr3:T500@ddim50', _P['sr3'], ('diffusion.T=500',), 'ddim', 50, run='sr3:T500'),
+             Arm('sr3:T2000@full', _P['sr3'], ('diffusion.T=2000',) + DIRECT, 'ddpm', 2000, run='sr3:T2000'),
+             Arm('sr3:T500@full', _P['sr3'], ('diffusion.T=500',) + DIRECT, 'ddpm', 500, run='sr3:T500'),
+             Arm('sr3:T2000@ddim50', _P['sr3'], ('diffusion.T=2000',) + DIRECT, 'ddim', 50, run='sr3:T2000'),
+             Arm('sr3:T500@ddim50', _P['sr3'], ('diffusion.T=500',) + DIRECT, 'ddim', 50, run='sr3:T500'),
              Arm('vae-ddpm', _P['vae_ddpm'], (), 'ddim', 50), Arm('vqvae-ddpm', _P['vqvae_ddpm'], (), 'ddim', 50),
-             Arm('unet:middle', _P['sr3'], ('model.cond=middle',), 'ddim', 50),
-             Arm('unet:multiscale', _P['sr3'], ('model.cond=multiscale',), 'ddim', 50),
+             Arm('unet:middle', _P['sr3'], ('model.cond=middle',) + DIRECT, 'ddim', 50),
+             Arm('unet:multiscale', _P['sr3'], ('model.cond=multiscale',) + DIRECT, 'ddim', 50),
              Arm('cgdpm:guided', _P['cgdpm'], (), 'ddim', 50, base='unet:multiscale', base_key='guide.ddpm'),
              Arm('srddgan', _P['srddgan']), Arm('srddgan:no-encoder', _P['srddgan'], ('gan.use_rrdb=false', 'model.cond_ch=3'))]
     arms += [Arm(f'srddgan:T{T}', _P['srddgan'], (f'gan.T={T}', f'sample.steps={T}')) for T in (1, 2, 8)]
@@ -145,7 +151,8 @@ _SR4_ROWS = {'baseline': {'row': 'SR3 (baseline, 2000 steps)', 'psnr': 23.0, 'ss
              'res': {'row': 'Res predict', 'psnr': 23.1, 'ssim': 0.68, 'consistency': 54.31},
              'sr4': {'row': 'SR4 (Combine)', 'psnr': 23.1, 'ssim': 0.69, 'consistency': 51.75}}  # SR4 Table 1
 _SR4_NOTE = ("SR4 shortens the chain by training and sampling with 500 instead of 2000 steps; here every model has T = 1000 "
-             "and 'reduced steps' is DDIM-10 (the presets sample DDIM-50). v-prediction, as the tiny presets.")
+             "and 'reduced steps' is DDIM-10 (the presets sample DDIM-50). v-prediction and min-SNR-5 weighting in every arm, as the tiny presets; no regressor ('direct' diffuses HR, 'residual' "
+            "HR - Up(LR)).")
 _GAN_NOTE = ("Tiny preset: x4 (16 -> 64 patches) on bundled images, residual chain and an L1 pixel term (gan.pixel = 1) kept in "
              "every arm, so only the switch under test differs; the paper is 8x CelebA-HQ.")
 _LD_NOTE = ("Rows are lddpm.ABLATION_ROWS on configs/tiny_lddpm_x4.yaml (T = 4, residual chain, x0 output, VGG terms off "
@@ -273,6 +280,55 @@ def slug(name: str) -> str:
     "A folder/file name for an arm or run name: 'sr3:cosine+direct@ddim10' -> 'sr3_cosine_direct_ddim10'."
     return re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')
 
+# %% ../nbs/api/43_claims.ipynb #76c69944
+BUDGETS: dict[str, float] = {  # preset -> training minutes of each arm at one CPU thread (how each was found: BENCHMARKS.md, "Claims budgets")
+    _P['srddgan']: 3.0, _P['lddpm']: 3.0,  # the 4-step GAN chains sit above the one-sample bound within ~150 steps
+    _P['sr3']: 30.0, _P['sr4']: 30.0, _P['cgdpm']: 30.0,  # pixel chains on HR: the baseline arm's trial curve
+    _P['vae_ddpm']: 60.0, _P['vqvae_ddpm']: 60.0,  # the shipped 60-min latent runs are ~1 dB under the bound
+}
+EVAL_CALL_SECONDS: dict[str, float] = {  # preset -> seconds per network call on one 128-px tile, one CPU thread (this kit's dev box)
+    _P['sr3']: 0.10, _P['sr4']: 0.10, _P['cgdpm']: 0.165, _P['vae_ddpm']: 0.0095, _P['vqvae_ddpm']: 0.0098,
+    _P['srddgan']: 0.16, _P['lddpm']: 0.19}  # results/quality.md's s/img over its steps
+START_MINUTES = 0.4  # a worker's start-up, data loading and final validation
+
+def arm_minutes(arm: Arm, minutes: float | None = None) -> float:
+    "The arm's training budget: `minutes` when given (every arm the same), else its preset's `BUDGETS` entry."
+    if minutes is not None: return float(minutes)
+    if arm.preset not in BUDGETS: raise ValueError(f"Arm {arm.name!r}: no budget for {arm.preset}; add it to BUDGETS or pass minutes.")
+    return BUDGETS[arm.preset]
+
+@functools.lru_cache(maxsize=None)
+def _tiles(size: int, crops: int) -> int:
+    from diffsr_kit.bench import held_out_tiles
+    return sum(v.shape[0] for v in held_out_tiles('test', size, crops).values())
+
+def run_cost_minutes(arms: Sequence[Arm], # the arms ONE training run serves
+                     minutes: float | None = None, size: int = 128, crops: int = 4, sample_seeds: int = 3) -> float:
+    "Estimated minutes of one training seed of the run and its arms' evaluations, at one CPU thread on this kit's dev box."
+    calls = sum(a.steps or arm_config(a, minutes=1.0).sample.steps for a in arms)
+    per_call = EVAL_CALL_SECONDS.get(arms[0].preset, 0.2) * (size / 128) ** 2
+    return arm_minutes(arms[0], minutes) + START_MINUTES + calls * per_call * _tiles(size, crops) * sample_seeds / 60
+
+def plan_claims(claims: Sequence[Claim], # in the order they are wanted
+                total_minutes: float, # wall clock for all of them
+                jobs: int = 1, seeds: int = 3,
+                done=lambda run_key, seed: False, # (run, seed) -> True when its finished results can be reused (cost 0)
+                **cost_kw, # minutes, size, crops, sample_seeds: as `run_cost_minutes`
+               ) -> tuple[list[Claim], dict[str, str]]:
+    "The claims that fit `total_minutes` with `jobs` workers, taken in order, and {skipped claim id: why}."
+    runs, counted, spent, chosen, skipped = check_registry(), set(), 0.0, [], {}
+    for c in claims:
+        keys = list(dict.fromkeys(ARMS[n].run_key for n in c.arms if not unmet(ARMS[n])))
+        keys += [ARMS[runs[k][0].base].run_key for k in keys if runs[k][0].base]
+        new = [(k, s) for k in dict.fromkeys(keys) for s in range(seeds) if (k, s) not in counted and not done(k, s)]
+        cost = sum(run_cost_minutes([a for a in runs[k] if a.name in c.arms] or runs[k][:1], **cost_kw) for k, _ in new) / jobs
+        if spent + cost <= total_minutes:
+            chosen.append(c); counted.update(new); spent += cost
+        else: skipped[c.id] = (f"skipped: needs ~{cost:.0f} more min of this machine ({len(new)} training(s), {jobs} at once), "
+                               f"{max(total_minutes - spent, 0):.0f} of --minutes {total_minutes:g} left")
+    return chosen, skipped
+
+
 # %% ../nbs/api/43_claims.ipynb #4d9f5f4f
 STEPS_UNCAPPED = 10_000_000  # run.steps when only the wall-clock budget stops training
 
@@ -287,7 +343,9 @@ def budget_overrides(out: str | Path, minutes: float, steps_cap: int | None = No
     return [f'run.out={out}', f'run.max_minutes={float(minutes)}', f'run.steps={int(steps_cap or STEPS_UNCAPPED)}',
             'run.val_every=0', 'run.ckpt_every=0', 'run.keep_ckpts=1', 'run.progress=false']
 
-def arm_overrides(arm: Arm, runs_dir: str | Path = 'runs/claims', minutes: float = 3.0, steps_cap: int | None = None,
+def arm_overrides(arm: Arm, runs_dir: str | Path = 'runs/claims',
+                  minutes: float | None = None, # training minutes (None: the preset's `BUDGETS` entry)
+                  steps_cap: int | None = None,
                   extra: Sequence[str] = (), # key=value applied to every arm after its own (e.g. tiny test sizes)
                   registry: dict[str, Arm] | None = None, # where `arm.base` is looked up (default ARMS)
                   seed: int = 0, # training seed (run.seed; a base arm's run of the same seed)
@@ -297,9 +355,9 @@ def arm_overrides(arm: Arm, runs_dir: str | Path = 'runs/claims', minutes: float
     if arm.base:
         base = (ARMS if registry is None else registry)[arm.base]
         ov.append(f'{arm.base_key}={run_dir(runs_dir, base.run_key, seed)}')
-    return ov + budget_overrides(run_dir(runs_dir, arm.run_key, seed), minutes, steps_cap) + ([f'run.seed={seed}'] if seed else [])
+    return ov + budget_overrides(run_dir(runs_dir, arm.run_key, seed), arm_minutes(arm, minutes), steps_cap) + ([f'run.seed={seed}'] if seed else [])
 
-def arm_config(arm: Arm, runs_dir: str | Path = 'runs/claims', minutes: float = 3.0, steps_cap: int | None = None,
+def arm_config(arm: Arm, runs_dir: str | Path = 'runs/claims', minutes: float | None = None, steps_cap: int | None = None,
                extra: Sequence[str] = (), registry: dict[str, Arm] | None = None, seed: int = 0):
     "The run config of `arm` (preset + overrides + budget), validated key by key."
     from diffsr_kit.train import load_run_config
@@ -320,6 +378,35 @@ def in_repo_root():
     os.chdir(repo_root())
     try: yield
     finally: os.chdir(cwd)
+
+# %% ../nbs/api/43_claims.ipynb #3ee7d043
+def _flat(d: dict, pre: str = '') -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flat(v, f'{pre}{k}.'))
+        else: out[pre + k] = str(v)
+    return out
+
+def arm_differences(claim: Claim, minutes: float | None = None) -> dict[str, dict[str, str]]:
+    "What the claim's arms differ in: setting -> {arm: value}, for each resolved config key (run folder and seed left out) and the evaluation."
+    rows = {}
+    for n in claim.arms:
+        a = ARMS[n]
+        cfg = dataclasses.asdict(arm_config(a, minutes=arm_minutes(a, minutes)))
+        f = {k: v for k, v in _flat(cfg).items() if k not in ('run.out', 'run.seed')}
+        if a.base: f[a.base_key] = f'<{a.base} run>'
+        f['preset'] = a.preset
+        f['eval'] = f"{a.sampler or cfg['sample']['sampler']} {a.steps or cfg['sample']['steps']}"
+        rows[n] = f
+    keys = list(dict.fromkeys(k for f in rows.values() for k in f))
+    return {k: {n: f.get(k, '-') for n, f in rows.items()} for k in keys if len({f.get(k, '-') for f in rows.values()}) > 1}
+
+def differences_text(diff: dict[str, dict[str, str]], most: int = 8) -> str:
+    "The differences as one line: 'key (arm: value, ...)'; the first `most` keys, then a count."
+    parts = [f"`{k}` ({', '.join(f'{a}: {v}' for a, v in by.items())})" for k, by in list(diff.items())[:most]]
+    more = len(diff) - most
+    return '; '.join(parts) + (f'; and {more} more config keys' if more > 0 else '') if parts else 'nothing (same model, same evaluation)'
+
 
 # %% ../nbs/api/43_claims.ipynb #db61dc64
 def _samples(rec: dict, m: str) -> np.ndarray:
@@ -398,13 +485,19 @@ def _train_key(arm: Arm, ov: list[str], base_done: dict | None) -> dict:
     "What a finished training must match to be reused: preset, every override, and the base run's finish stamp."
     return {'preset': arm.preset, 'overrides': list(ov), 'base': (base_done or {}).get('finished')}
 
-def _eval_key(a: Arm, done: dict, size: int, sample_seeds: int, crops: int) -> dict:
+def _eval_steps(a: Arm, cap: int | None) -> int | None:
+    "The arm's evaluation steps, at most `cap` (smoke runs) where the arm sets them (a GAN chain keeps its T)."
+    return a.steps if a.steps is None or not cap else min(a.steps, cap)
+
+def _eval_key(a: Arm, done: dict, size: int, sample_seeds: int, crops: int, eval_steps_cap: int | None = None) -> dict:
     "What a stored evaluation must match to be reused."
-    return {'trained': done['finished'], 'sampler': a.sampler, 'steps': a.steps, 'size': size, 'sample_seeds': sample_seeds,
-            'crops': crops}
+    return {'trained': done['finished'], 'sampler': a.sampler, 'steps': _eval_steps(a, eval_steps_cap), 'size': size,
+            'sample_seeds': sample_seeds, 'crops': crops}
 
 def train_and_evaluate(arms: Sequence[Arm], # arms of ONE training run
-                       runs_dir: str | Path = 'runs/claims', minutes: float = 3.0, steps_cap: int | None = None,
+                       runs_dir: str | Path = 'runs/claims',
+                       minutes: float | None = None, # training minutes (None: the preset's `BUDGETS` entry)
+                       steps_cap: int | None = None,
                        extra: Sequence[str] = (), # key=value applied to every arm
                        size: int = 128, # HR centre-crop size of the held-out images
                        force: bool = False, # retrain even when a finished identical training is there
@@ -413,6 +506,7 @@ def train_and_evaluate(arms: Sequence[Arm], # arms of ONE training run
                        seed: int = 0, # training seed (its own run folder, `run_dir(..., seed)`)
                        sample_seeds: int = 1, # sampling seeds 0..K-1 per image: the same noise for every arm
                        crops: int = 1, # tiles per test image (`bench.held_out_tiles`), averaged per image
+                       eval_steps_cap: int | None = None, # at most this many sampler steps per arm (smoke runs)
                       ) -> dict:
     "Train the run the `arms` share (reusing a finished identical one) and evaluate each arm; {'train': ..., 'evals': {arm: ...}}."
     from safetensors.torch import save_file
@@ -437,13 +531,13 @@ def train_and_evaluate(arms: Sequence[Arm], # arms of ONE training run
         atomic_write_text(rd / TRAIN_DONE, json.dumps(done, indent=1))
     evals, task = {}, None
     for a in arms:
-        ek = _eval_key(a, done, size, sample_seeds, crops)
+        ek = _eval_key(a, done, size, sample_seeds, crops, eval_steps_cap)
         f = rd / f'eval_{slug(a.name)}.json'
         r = _read_json(f)
         if r is None or r.get('key') != ek:
             if task is None:
                 with in_repo_root(): task = load_task(rd)
-            kw = {k: v for k, v in dict(sampler=a.sampler, steps=a.steps).items() if v is not None}
+            kw = {k: v for k, v in dict(sampler=a.sampler, steps=_eval_steps(a, eval_steps_cap)).items() if v is not None}
             t0, by_seed = time.perf_counter(), []
             for k in range(sample_seeds):  # sampling seed k for every image: the same initial noise in every arm
                 pred = lambda lr, seed, k=k: task.predict(lr.to(task.device), seed=k, **kw).cpu()
@@ -470,17 +564,18 @@ def _worker_main(spec_path: str) -> int:
     torch.set_num_threads(int(spec['threads']))
     registry = {d['name']: _arm_from_dict(d) for d in spec['registry']}
     train_and_evaluate([registry[n] for n in spec['arms']], spec['runs_dir'], spec['minutes'], spec['steps_cap'], spec['extra'],
-                       spec['size'], spec['force'], spec['base_done'], registry, spec['seed'], spec['sample_seeds'], spec['crops'])
+                       spec['size'], spec['force'], spec['base_done'], registry, spec['seed'], spec['sample_seeds'], spec['crops'],
+                       spec.get('eval_steps_cap'))
     return 0
 
 def _finished(arms: list[Arm], rd: Path, ov: list[str], base_done: dict | None, size: int, sample_seeds: int = 1,
-              crops: int = 1) -> bool:
+              crops: int = 1, eval_steps_cap: int | None = None) -> bool:
     "True when the run folder holds this exact training and every arm's evaluation of it."
     done = _read_json(rd / TRAIN_DONE)
     if done is None or done.get('key') != _train_key(arms[0], ov, base_done) or not (rd / 'ckpt' / 'latest').exists(): return False
     for a in arms:
         r = _read_json(rd / f'eval_{slug(a.name)}.json')
-        if r is None or r.get('key') != _eval_key(a, done, size, sample_seeds, crops): return False
+        if r is None or r.get('key') != _eval_key(a, done, size, sample_seeds, crops, eval_steps_cap): return False
     return True
 
 def _log_tail(path: Path) -> str:
@@ -513,7 +608,7 @@ def _measured(arms: list[Arm], status: dict, runs_dir: Path, seeds: int = 1) -> 
 
 # %% ../nbs/api/43_claims.ipynb #2ad9e34c
 def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CLAIMS)
-               minutes: float = 3.0, # wall-clock training budget of every arm (run.max_minutes)
+               minutes: float | None = None, # training minutes of every arm (run.max_minutes; None: each preset's `BUDGETS` entry)
                out: str | Path = 'results', # folder for claims.md and claims.json
                runs_dir: str | Path = 'runs/claims', # one run folder per training run
                jobs: int = 1, # worker processes at once
@@ -526,6 +621,8 @@ def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CL
                seeds: int = 3, # training seeds per arm (run.seed 0..seeds-1; the bootstrap resamples them)
                sample_seeds: int = 3, # sampling seeds per image, the same for every arm (their metrics are averaged)
                crops: int = 4, # tiles per test image (bench.held_out_tiles: 4 where the image holds them), averaged per image
+               total_minutes: float | None = None, # run only the claims that fit this wall clock (`plan_claims`); None: all
+               eval_steps_cap: int | None = None, # at most this many sampler steps per arm (smoke runs)
               ) -> dict:
     "Train and evaluate every arm of `claims` under one budget, compute the verdicts, write claims.md/json; returns the report."
     from tqdm.auto import tqdm
@@ -534,7 +631,21 @@ def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CL
     if seeds < 1 or sample_seeds < 1: raise ValueError(f"seeds={seeds}, sample_seeds={sample_seeds}: both must be >= 1.")
     runs_dir = Path(runs_dir).resolve()
     runs = check_registry()
-    wanted = [ARMS[n] for n in dict.fromkeys(a for c in sel for a in c.arms)]
+    skipped: dict[str, str] = {}
+    if total_minutes is not None:
+        every = {n for c in sel for n in c.arms}
+        def done(k, s):
+            arms_k = [a for a in runs[k] if a.name in every] or runs[k][:1]
+            b = arms_k[0].base
+            base_done = _read_json(run_dir(runs_dir, ARMS[b].run_key, s) / TRAIN_DONE) if b else None
+            ov = arm_overrides(arms_k[0], runs_dir, minutes, steps_cap, extra, seed=s)
+            return resume and _finished(arms_k, run_dir(runs_dir, k, s), ov, base_done, size, sample_seeds, crops, eval_steps_cap)
+        chosen, skipped = plan_claims(sel, total_minutes, jobs, seeds, done, minutes=minutes, size=size, crops=crops,
+                                      sample_seeds=sample_seeds)
+        if progress:
+            for cid, why in skipped.items(): print(f'{cid}: {why}', file=sys.stderr)
+    else: chosen = sel
+    wanted = [ARMS[n] for n in dict.fromkeys(a for c in chosen for a in c.arms)]
     evals: dict[str, list[Arm]] = {}
     for a in wanted: evals.setdefault(a.run_key, []).append(a)
     keys = list(evals)
@@ -568,12 +679,12 @@ def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CL
                 pending.remove(j)
                 base_done = _read_json(run_dir(runs_dir, *b) / TRAIN_DONE) if b else None
                 ov = arm_overrides(job[k][0], runs_dir, minutes, steps_cap, extra, seed=s)
-                if resume and _finished(job[k], run_dir(runs_dir, k, s), ov, base_done, size, sample_seeds, crops):
+                if resume and _finished(job[k], run_dir(runs_dir, k, s), ov, base_done, size, sample_seeds, crops, eval_steps_cap):
                     status[j] = 'done'; bar.update(1); say(f'{name(j)}: finished result found, reused'); continue
                 reg = {a.name: a for a in runs[k] + ([ARMS[job[k][0].base]] if job[k][0].base else [])}
                 spec = dict(arms=[a.name for a in job[k]], threads=threads, runs_dir=str(runs_dir), minutes=minutes, steps_cap=steps_cap,
                             extra=list(extra), size=size, force=not resume, base_done=base_done, registry=[asdict(a) for a in reg.values()],
-                            seed=s, sample_seeds=sample_seeds, crops=crops)
+                            seed=s, sample_seeds=sample_seeds, crops=crops, eval_steps_cap=eval_steps_cap)
                 sp = runs_dir / f'{slug(k)}_seed{s}.spec.json'
                 atomic_write_text(sp, json.dumps(spec, indent=1))
                 log = open(runs_dir / f'{slug(k)}_seed{s}.log', 'w')
@@ -595,8 +706,13 @@ def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CL
         raise
     finally: bar.close()
     measured = _measured(wanted, status, runs_dir, seeds)
-    report = build_report(sel, measured, minutes=minutes, threads=threads, jobs=jobs, steps_cap=steps_cap, size=size,
-                          runs_dir=str(runs_dir), extra=list(extra), seeds=seeds, sample_seeds=sample_seeds, crops=crops,
+    for c in sel:
+        for n in c.arms:
+            if n not in measured: measured[n] = {'status': 'not run', 'reason': skipped.get(c.id, 'skipped')}
+    budgets = {a.preset: arm_minutes(a, minutes) for c in sel for a in map(ARMS.get, c.arms)}
+    report = build_report(sel, measured, minutes=minutes, budgets=budgets, total_minutes=total_minutes, skipped=skipped,
+                          threads=threads, jobs=jobs, steps_cap=steps_cap, size=size, runs_dir=str(runs_dir), extra=list(extra),
+                          seeds=seeds, sample_seeds=sample_seeds, crops=crops, eval_steps_cap=eval_steps_cap,
                           bounds=reference_bounds(size, crops))
     write_claims(report, out)
     return report
@@ -611,10 +727,14 @@ def build_report(claims: Sequence[Claim], measured: dict, **header) -> dict:
                 devices=devices or [device_name('cpu')], **header)
     rows = []
     for c in claims:
+        known = all(n in ARMS for n in c.arms)  # a made-up claim (tests) has no configs to compare
         v = verdict(c, measured, bounds=header.get('bounds'))
         rows.append(dict(id=c.id, source=c.source, statement=c.statement, paper=c.paper, expected=c.expected_text(),
                          metric=c.metric, note=c.note, verdict=v['verdict'], primary=v,
-                         also={m: verdict(c, measured, m) for m in c.also}))
+                         also={m: verdict(c, measured, m) for m in c.also},
+                         differs=differences_text(arm_differences(c, header.get('minutes'))) if known else '',
+                         budget={n: arm_minutes(ARMS[n], header.get('minutes')) for n in c.arms} if known else {},
+                         seeds={n: measured.get(n, {}).get('seeds', 0) for n in c.arms}))
     return {'header': head, 'claims': rows, 'arms': measured}
 
 def _paper_text(c: dict) -> str:
@@ -640,6 +760,16 @@ def _cell(s) -> str: return str(s).replace('|', '/').replace('\n', ' ')
 
 def _budget_text(h: dict) -> str:
     "What stopped every arm: the step cap (the learning-rate decay follows the steps) or the clock (the decay follows the clock)."
+    sel = (f" `--minutes {h['total_minutes']:g}` chose the claims that fit that wall clock on this machine (finished arms cost "
+           "nothing); the others are listed as skipped, with the time they need." if h.get('total_minutes') is not None else '')
+    return _stop_text(h) + sel
+
+def _stop_text(h: dict) -> str:
+    if h.get('budgets') and h.get('minutes') is None and not h.get('steps_cap'):
+        per = ', '.join(f"{Path(p).stem}: {m:g} min" for p, m in h['budgets'].items())
+        return (f"Each arm trains from scratch for its preset's budget (`claims.BUDGETS`, per arm and training seed: {per}; "
+                "`run.max_minutes`, planned as a step count from the first steps' pace, so the cosine learning-rate decay ends "
+                "where the budget does); equal minutes are not equal steps, see the Steps column.")
     if h.get('steps_cap'):
         return (f"Each arm trains from scratch for {h['steps_cap']} optimiser steps (`run.steps`; the cosine learning-rate decay "
                 f"spans them), with {h.get('minutes')} min of wall clock (`run.max_minutes`) as a guard; the Steps column of the "
@@ -693,7 +823,10 @@ def claims_markdown(report: dict) -> str:
         mins = f"{r['train_minutes']:.2f}" if 'train_minutes' in r else ''
         lines.append(f"| {name} | {_cell(setup)} | {r.get('sampler', '')} {r.get('eval_steps', '')} | {r.get('steps', '')} "
                      f"| {mins} | {nums} | ok |")
-    lines += ['', '## Notes', ''] + [f"- **{c['id']}** ({c['source']}): {c['note']}" for c in report['claims'] if c['note']]
+    lines += ['', '## What each claim\'s arms differ in, their budgets and seeds', '']
+    for c in report['claims']:
+        bud = ', '.join(f"{n}: {c['budget'][n]:g} min x {c['seeds'][n]} seed(s)" for n in c['budget']) if c.get('budget') else ''
+        lines.append(f"- **{c['id']}** ({c['source']}): {c['note']} **Differs in:** {c.get('differs', '')}. **Budget:** {bud}.")
     if card:
         from diffsr_kit.metrics import ConventionCard
         card = {**card, 'steps': 'per arm (Eval column)'}

@@ -23,6 +23,7 @@ def test_every_arm_builds_a_valid_config(name):
         key, val = o.split('=', 1)
         node = cfg
         for part in key.split('.'): node = getattr(node, part)
+        val = val[1:-1] if len(val) >= 2 and val[0] == val[-1] and val[0] in '\'"' else val  # YAML quotes: "regressor=''"
         want = {'true': True, 'false': False}.get(val, val)
         assert str(node) == str(want) or node == type(node)(want), (name, key, node, val)
     if arm.base:
@@ -115,6 +116,50 @@ def test_not_run_propagates():
     assert C.verdict(c, {'A': _ok(psnr=30.0)})['verdict'] == 'not run: B: no result'
     rep = C.build_report([c], {'A': _ok(psnr=30.0), 'B': {'status': 'not run', 'reason': 'needs VGG-19'}}, minutes=1)
     assert rep['claims'][0]['verdict'].startswith('not run') and 'not run' in C.claims_markdown(rep)
+
+
+def _training(arm):
+    "The resolved training config of an arm's run, without what only names the run (folder, seed)."
+    import dataclasses
+    d = dataclasses.asdict(C.arm_config(arm, runs_dir='runs/claims'))
+    d['run'] = {k: v for k, v in d['run'].items() if k not in ('out', 'seed')}
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def test_distinct_runs_train_distinct_models():
+    "Two runs of the registry never resolve to the same training (a preset that changes under the registry would make them so)."
+    runs = C.check_registry()
+    seen = {}
+    for k, arms in runs.items():
+        t = _training(arms[0])
+        assert t not in seen, f"runs {seen.get(t)!r} and {k!r} train the same model"
+        seen[t] = k
+
+
+@pytest.mark.parametrize('name', [n for n in C.ARMS if n.startswith(('sr3:', 'unet:'))])
+def test_pixel_arms_run_the_chain_their_name_says(name):
+    "SR3-family arms: no regressor (no paper uses one); '+residual' diffuses HR - Up(LR) (SR4 eq. 9), every other one HR itself."
+    cfg = C.arm_config(C.ARMS[name])
+    assert cfg.regressor == ''
+    assert cfg.diffusion.residual == ('+residual' in name), (name, cfg.diffusion.residual)
+    if 'cosine' in name: assert cfg.diffusion.schedule == 'cosine'
+    elif name.startswith('sr3:'): assert cfg.diffusion.schedule == 'linear'
+
+
+def test_minutes_runs_what_fits_and_lists_the_rest(tmp_path):
+    "run_claims(total_minutes=...) trains the claims that fit and reports the others as skipped, with the time they need."
+    runs, out = tmp_path / 'runs', tmp_path / 'results'
+    one = C.run_cost_minutes([C.ARMS['sr3:linear+direct@ddim50'], C.ARMS['sr3:linear+direct@ddim10']], minutes=0.05, size=32,
+                             crops=1, sample_seeds=1)
+    rep = C.run_claims(['sr4_steps_respacing', 'thesis_latent'], minutes=0.05, total_minutes=one * 1.5, out=out, runs_dir=runs,
+                       steps_cap=2, size=32, extra=TINY, progress=False, seeds=1, sample_seeds=1, crops=1)
+    by = {c['id']: c for c in rep['claims']}
+    assert by['sr4_steps_respacing']['verdict'] in ('held', 'reversed', 'undecided', 'undertrained')
+    assert by['thesis_latent']['verdict'].startswith('not run: ') and 'skipped: needs ~' in by['thesis_latent']['verdict']
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ['sr3_linear_direct']  # nothing of the skipped claim trained
+    md = (out / 'claims.md').read_text()
+    assert 'chose the claims that fit' in md and rep['header']['skipped'].keys() == {'thesis_latent'}
+    assert '**Differs in:** `eval` (sr3:linear+direct@ddim50: ddim 50, sr3:linear+direct@ddim10: ddim 10)' in md
 
 
 def test_run_claims_end_to_end(tmp_path, monkeypatch):
