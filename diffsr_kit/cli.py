@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 # %% auto #0
-__all__ = ['COMMANDS', 'BENCHES', 'DATA_COMMANDS', 'CLI_MAX_SIDE', 'Command', 'register', 'build_parser', 'main',
-           'read_image_file', 'parse_runs']
+__all__ = ['COMMANDS', 'BENCHES', 'DATA_COMMANDS', 'CLI_MAX_SIDE', 'CLI_MAX_PIXELS', 'Command', 'register', 'build_parser',
+           'main', 'read_image_file', 'parse_runs']
 
 # %% ../nbs/api/60_cli.ipynb #68e83c60
 @dataclass
@@ -114,6 +114,7 @@ def _data_list(a) -> int:
 
 # %% ../nbs/api/60_cli.ipynb #e604d600
 CLI_MAX_SIDE = 8192  # widest / tallest image the CLI reads (the demo's limit is DemoConfig.max_lr_side)
+CLI_MAX_PIXELS = 4096 * 4096  # default --max-pixels: largest HR/SR image `degrade` and `sample` work on (checked from the header)
 
 def _out_file(path: str) -> Path:
     "The --out path, checked: a file name (not a folder), its folder created."
@@ -130,6 +131,8 @@ def _save_png(img, out: Path):
 
 def read_image_file(path: str | Path, # an image file PIL can read (PNG, JPEG, WebP, TIFF, ...)
                     channels: int | None = 3, # 3: RGB, 1: grey, None: keep what the file has
+                    max_pixels: float | None = None, # refuse, from the header, a file with more pixels than this
+                    what: str = 'this command works on', # how the limit's message names it
                    ):
     "Read an image file into a CHW float tensor in [0, 1] (data.read_image's conversions, EXIF orientation applied)."
     import numpy as np, torch
@@ -142,6 +145,10 @@ def read_image_file(path: str | Path, # an image file PIL can read (PNG, JPEG, W
     if max(p['width'], p['height']) > CLI_MAX_SIDE:
         raise ValueError(f"{path} is {p['width']}x{p['height']} pixels; the CLI reads images up to {CLI_MAX_SIDE} pixels a side "
                          "(larger ones are refused before decoding). Crop or downscale it first.")
+    if max_pixels is not None and p['width'] * p['height'] > max_pixels:
+        raise ValueError(f"{path} is {p['width']}x{p['height']} = {p['width'] * p['height'] / 1e6:.1f} M pixels; {what} at most "
+                         f"{max_pixels / 1e6:.1f} M (--max-pixels; refused before decoding). Crop or downscale it, or raise "
+                         "--max-pixels if this machine has the memory.")
     try: a = read_image(path, channels)
     except Exception as e:
         raise ValueError(f"Cannot decode {path} ({type(e).__name__}: {e}); the file is corrupt or truncated. Re-save it as PNG.") from None
@@ -155,6 +162,7 @@ def _degrade_args(p):
     p.add_argument('--scale', type=int, default=4, help='downsampling factor: 2, 3, 4 or 8')
     p.add_argument('--pipeline', default='classic', help="'classic' (bicubic) or 'shuffled'")
     p.add_argument('--seed', type=int, default=0, help='seed of the random degradation')
+    p.add_argument('--max-pixels', type=float, default=CLI_MAX_PIXELS, help='largest HR image read, pixels (from its header)')
     p.add_argument('--out', required=True, help='output LR image (PNG)')
 
 # %% ../nbs/api/60_cli.ipynb #c9994534
@@ -165,7 +173,7 @@ def _degrade(a) -> int:
     s = a.scale
     if s < 1: raise ValueError(f"--scale {s}: use a positive factor (2, 3, 4 or 8).")
     out = _out_file(a.out)
-    hr = read_image_file(a.input)
+    hr = read_image_file(a.input, max_pixels=a.max_pixels, what='degrade reads')
     H, W = hr.shape[-2] // s * s, hr.shape[-1] // s * s
     if (H, W) != tuple(hr.shape[-2:]):
         print(f'note: cropped {tuple(hr.shape[-2:])} to {(H, W)} (a multiple of scale {s})', file=sys.stderr)
@@ -253,6 +261,7 @@ def _sample_args(p):
     _add_sampling_args(p)
     p.add_argument('--seed', type=int, default=0, help='seed of the sample')
     p.add_argument('--device', default=None, help='cpu, cuda, mps')
+    p.add_argument('--max-pixels', type=float, default=CLI_MAX_PIXELS, help='largest SR image made, pixels (checked before decoding)')
     p.add_argument('--out', required=True, help='output SR image (PNG)')
 
 @_sample_args.runner
@@ -269,12 +278,13 @@ def _sample(a) -> int:
                          f"Use --scale {s} (or leave it out).")
     if a.hr:
         from diffsr_kit.degrade import DegradeConfig, degrade
-        hr = read_image_file(a.hr, channels=task.cfg.data.channels)
+        hr = read_image_file(a.hr, channels=task.cfg.data.channels, max_pixels=a.max_pixels, what='the SR image (as large as --hr) may have')
         k = a.scale or s
         H, W = hr.shape[-2] // k * k, hr.shape[-1] // k * k
         lr01, _ = degrade(hr[None, :, :H, :W], DegradeConfig(pipeline='classic', scale=k), a.seed)
     else:
-        lr01 = read_image_file(a.input, channels=task.cfg.data.channels)[None]
+        lr01 = read_image_file(a.input, channels=task.cfg.data.channels, max_pixels=a.max_pixels / s ** 2,
+                               what=f'an LR image for this x{s} model may have (its SR image at most {a.max_pixels / 1e6:.1f} M)')[None]
     kw = _predict_kwargs(task, a)
     t0 = time.perf_counter()
     sr = task.predict(to_model(lr01).to(task.device), seed=a.seed, **kw)
@@ -483,7 +493,11 @@ def _bench_quality(a) -> int:
 @register(BENCHES, 'claims', "The papers' headline comparisons at tiny scale, one training budget per arm (results/claims.md)")
 def _bench_claims_args(p):
     p.add_argument('--claims', default=None, help='comma-separated claim ids (default: all; see --list)')
-    p.add_argument('--minutes', type=float, default=3.0, help='wall-clock training budget of every arm (run.max_minutes)')
+    p.add_argument('--minutes', type=float, default=None, help='run only the claims that fit this many minutes of wall clock '
+                   '(finished arms are free); default: every claim')
+    p.add_argument('--arm-minutes', type=float, default=None, help="training minutes of every arm (default: each preset's "
+                   'claims.BUDGETS entry)')
+    p.add_argument('--eval-steps-cap', type=int, default=None, help='at most this many sampler steps per arm (smoke runs)')
     p.add_argument('--jobs', type=int, default=1, help='arms trained at once (one process each)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads per arm (OMP_NUM_THREADS)')
     p.add_argument('--out', default='results', help='folder for claims.md and claims.json')
@@ -507,14 +521,15 @@ def _bench_claims(a) -> int:
         arms = [ARMS[n] for n in dict.fromkeys(x for c in select_claims(ids) for x in c.arms)]
         rows = []
         for arm in arms:
-            arm_config(arm, a.runs_dir, a.minutes, a.steps_cap, a.set)  # an unknown or ill-typed key raises here
+            arm_config(arm, a.runs_dir, a.arm_minutes, a.steps_cap, a.set)  # an unknown or ill-typed key raises here
             rows.append(dict(arm=arm.name, preset=arm.preset, eval=f"{arm.sampler or 'preset'} {arm.steps or ''}".strip(),
                              overrides=' '.join(arm.overrides) + (f' {arm.base_key}=<{arm.base} run>' if arm.base else ''),
                              status=f"not run: {', '.join(arm.needs)} missing" if unmet(arm) else 'ok'))
         if a.json: print(json.dumps({'claims': claims_table(ids), 'arms': rows}))
         else: print(format_table(claims_table(ids))); print(); print(format_table(rows))
         return 0
-    rep = run_claims(ids, minutes=a.minutes, out=a.out, runs_dir=a.runs_dir, jobs=a.jobs, threads=a.threads,
+    rep = run_claims(ids, minutes=a.arm_minutes, total_minutes=a.minutes, eval_steps_cap=a.eval_steps_cap, out=a.out,
+                     runs_dir=a.runs_dir, jobs=a.jobs, threads=a.threads,
                      steps_cap=a.steps_cap, size=a.size, resume=not a.no_resume, extra=a.set, seeds=a.seeds,
                      sample_seeds=a.sample_seeds, crops=a.crops)
     if a.json: print(json.dumps(rep, default=str))

@@ -22,10 +22,11 @@ from .metrics import lr_psnr, pixel_std_map, psnr, ssim
 
 # %% auto #0
 __all__ = ['MODELS', 'DemoInputError', 'DEGRADATIONS', 'OUTPUT_MAX_AGE_S', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS',
-           'SRModel', 'bicubic_upsample', 'bicubic_model', 'register_model', 'models_available', 'checkpoint_model',
-           'register_shipped', 'DemoCancelled', 'DemoConfig', 'UpscaleResult', 'default_models', 'default_model',
-           'output_root', 'clean_outputs', 'write_outputs', 'upscale', 'make_demo', 'detect_environment',
-           'host_warning', 'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args', 'demo_cli_run']
+           'MAX_SIDE_LIMIT', 'SRModel', 'bicubic_upsample', 'bicubic_model', 'register_model', 'models_available',
+           'checkpoint_model', 'register_shipped', 'DemoCancelled', 'DemoConfig', 'UpscaleResult', 'default_models',
+           'default_model', 'output_root', 'clean_outputs', 'write_outputs', 'upscale', 'make_demo',
+           'detect_environment', 'host_warning', 'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args',
+           'demo_cli_run']
 
 # %% ../nbs/api/52_demo.ipynb #a62d4a35
 @dataclass
@@ -167,15 +168,15 @@ class UpscaleResult:
     notes: list  # what was done to the input, and remarks
     hr: np.ndarray | None = None  # the HR reference when the input was degraded, (s*h, s*w, 3)
 
-def _as_int(v, name: str, lo: int, hi: int) -> int:
-    "v as an int in [lo, hi], or a DemoInputError naming the option."
+def _as_int(v, name: str, lo: int, hi: int, hint: str = '') -> int:
+    "v as an int in [lo, hi], or a DemoInputError naming the option (and `hint`, e.g. what 0 means)."
     try:
         f = float(v)
         if not f.is_integer(): raise ValueError
         i = int(f)
     except (TypeError, ValueError): i = None
     if i is None or not lo <= i <= hi:
-        raise DemoInputError('option', f"{name}={v!r}: use a whole number from {lo} to {hi}.")
+        raise DemoInputError('option', f"{name}={v!r}: use a whole number from {lo} to {hi}{hint}.")
     return i
 
 def default_models() -> list[str]:
@@ -193,9 +194,11 @@ def _pick_model(models: dict, missing: dict, name, scale: int) -> SRModel:
     names = lambda ms: ', '.join(m.name for m in ms) or 'none'
     if not name:
         if default_model(models, scale) is None:
-            raise DemoInputError('option', f"No model upscales by {scale} here; available: {names(models.values())}.")
+            raise DemoInputError('option', f"scale={scale}: no model here upscales by {scale}; use one of the scales "
+                                 f"{sorted({m.scale for m in models.values()})} (models: {names(models.values())}).")
         return models[default_model(models, scale)]
-    if name in missing: raise DemoInputError('option', f"Model {name!r} is not available: {missing[name]}")
+    if name in missing:
+        raise DemoInputError('option', f"Model {name!r} is not available: {missing[name]} Usable here: {names(models.values())}.")
     if name not in models: raise DemoInputError('option', f"Unknown model {name!r}; choose one of: {names(models.values())}.")
     m = models[name]
     if m.scale != scale:
@@ -212,8 +215,8 @@ def _pick_sampler(m: SRModel, sampler, steps, cfg: DemoConfig, notes: list) -> t
     sampler = sampler or next(iter(m.samplers))
     if sampler not in m.samplers:
         raise DemoInputError('option', f"Model {m.name!r} has no sampler {sampler!r}; choose one of {list(m.samplers)}.")
-    steps = m.samplers[sampler] if steps in (None, '', 0) else _as_int(steps, 'steps', 1, cfg.max_steps)
-    return sampler, steps
+    steps = 0 if steps in (None, '') else _as_int(steps, 'steps', 0, cfg.max_steps, " (0: the model's default)")
+    return sampler, steps or m.samplers[sampler]
 
 # %% ../nbs/api/52_demo.ipynb #b22eb6bb
 def _check_work(W: int, H: int, K: int, calls: int, cfg: DemoConfig):
@@ -236,11 +239,12 @@ def _read_input(image, sample, max_side: int, notes: list) -> tuple[np.ndarray, 
         return a, f"upload {Path(str(image)).name!r}"
     if not sample: return read_upload(None)
     try: info = get_info(sample)
-    except ValueError as e: raise DemoInputError('option', str(e)) from None
+    except ValueError as e: raise DemoInputError('option', f"sample={sample!r}: {e}") from None
     h, w = info.shape[:2]
     if h > max_side or w > max_side:
         raise DemoInputError('too_large', f"Sample {info.name!r} is too large: {w}x{h} pixels, and this demo accepts at "
-                             f"most {max_side}x{max_side} here. Pick a larger scale with a degradation, or another sample.")
+                             f"most {max_side}x{max_side} here (the LR limit, --max-side / DemoConfig.max_lr_side, times the "
+                             "scale). Pick a larger scale with a degradation, or another sample.")
     a = load_image(info.name, channels=3)
     if info.channels == 1: notes.append(f"sample {info.name!r} is greyscale: {GREY_NOTE}.")
     if info.note: notes.append(f"sample {info.name!r}: {info.note}.")
@@ -366,7 +370,8 @@ def upscale(image=None, # path of an uploaded image file; wins over `sample`
         hr = _to_tensor(x[:H, :W])
         if H < cfg.min_lr_side * s or W < cfg.min_lr_side * s:
             raise DemoInputError('too_small', f"The LR image would be {W // s}x{H // s} pixels: too small (at least "
-                                 f"{cfg.min_lr_side}x{cfg.min_lr_side} is needed). Use a larger image or a smaller scale.")
+                                 f"{cfg.min_lr_side}x{cfg.min_lr_side} is needed). Use a larger image or a smaller scale "
+                                 f"(scale={s}).")
         prog(0.05, desc='degrading')
         try: lr, params = degrade(hr, DegradeConfig(pipeline=degradation, scale=s), [seed])
         except ValueError as e: raise DemoInputError('option', str(e)) from None
@@ -377,7 +382,7 @@ def upscale(image=None, # path of an uploaded image file; wins over `sample`
                              f"{cfg.min_lr_side}x{cfg.min_lr_side} is needed). Use a larger image.")
     if h > cfg.max_lr_side or w > cfg.max_lr_side:
         raise DemoInputError('too_large', f"The LR image is too large: {w}x{h} pixels (at most {cfg.max_lr_side}x"
-                             f"{cfg.max_lr_side}). Crop or downscale it first.")
+                             f"{cfg.max_lr_side}: --max-side / DemoConfig.max_lr_side). Crop or downscale it first.")
     _check_work(w * s, h * s, K, steps or 1, cfg)
     prog(0.1, desc=f'{m.name}: sampling')
     sub = lambda f, desc=None: prog(0.1 + 0.8 * float(f), desc=desc or f'{m.name}: sampling')
@@ -658,6 +663,8 @@ def launch_demo(demo=None, # a Blocks from make_demo; None: make_demo()
     return demo
 
 # %% ../nbs/api/52_demo.ipynb #1e26a6fa
+MAX_SIDE_LIMIT = 2048  # largest --max-side: at x2 its SR image is 16 M pixels, far over DemoConfig.max_sr_pixels
+
 def demo_cli_args(p):
     "Arguments of `diffsr demo`."
     p.add_argument('--host', default='127.0.0.1', help='interface to listen on (default 127.0.0.1; anything else is reachable by others and prints a warning)')
@@ -675,7 +682,9 @@ def _check_port(host: str, port: int):
 
 def demo_cli_run(a) -> int:
     "Serve the demo until Ctrl-C; returns the exit code."
-    if a.max_side < DemoConfig.min_lr_side: raise ValueError(f"--max-side {a.max_side} is below {DemoConfig.min_lr_side}; use e.g. 512.")
+    if not DemoConfig.min_lr_side <= a.max_side <= MAX_SIDE_LIMIT:
+        raise ValueError(f"--max-side {a.max_side}: use {DemoConfig.min_lr_side} to {MAX_SIDE_LIMIT} LR pixels (default "
+                         f"{DemoConfig.max_lr_side}); larger inputs exceed the work budget of one request anyway.")
     if a.port is not None: _check_port(a.host, a.port)  # before building anything: a taken port is a one-line error
     demo = make_demo(cfg=DemoConfig(max_lr_side=a.max_side))
     try:

@@ -193,10 +193,16 @@ def test_bad_options_give_documented_messages(files):
              (dict(scale=2, n_samples=99), "n_samples=99"),
              (dict(scale=2, seed=-1), "seed=-1"),
              (dict(scale=2, degradation='blurry'), "degradation='blurry'"),
-             (dict(scale=3), "No model upscales by 3")]
+             (dict(scale=3), r"scale=3: no model here upscales by 3; use one of the scales \[2, 4, 8\]"),
+             (dict(scale=1), r"scale=1: use a whole number from 2 to 16"),
+             (dict(scale=2, model='toy-x2', steps=-1), r"steps=-1: use a whole number from 0 to \d+ \(0: the model's default\)"),
+             (dict(scale=4, model='missing-x4'), "Usable here: "),
+             (dict(image=None, sample='no_such_image', scale=2), "sample='no_such_image': Unknown image")]
     for extra, msg in cases:
         with pytest.raises(DemoInputError, match=msg): upscale(**{**kw, **extra})
     with pytest.raises(DemoInputError, match='No image'): upscale(image=None, sample=None)
+    r = upscale(**{**kw, 'scale': 2, 'model': 'toy-x2', 'steps': '0'})  # '0' (a text box) means the model's default, as 0 does
+    assert r.metrics['steps'] == 25
     with pytest.raises(DemoInputError, match='too small'):  # 48x40 HR at x8 -> 6x5 LR
         upscale(image=files['good'], sample=None, scale=8, degradation='classic')
 
@@ -480,3 +486,12 @@ def test_page_opens_with_the_preselected_models_sampler():
     assert by_label['Model'].value == 'slow-x2'
     assert by_label['Sampler'].value == 'ddim' and [c[0] for c in by_label['Sampler'].choices] == ['ddim', 'ddpm']
     assert by_label['Steps (0: default)'].value == 50 and by_label['Sampler'].interactive
+
+
+@pytest.mark.parametrize('side', ['4', '100000'])
+def test_max_side_out_of_range_is_one_line(side, capsys):
+    "--max-side has a floor (the smallest LR image) and a ceiling (beyond it one request would exceed the work budget)."
+    from diffsr_kit.cli import main
+    assert main(['demo', '--max-side', side]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'--max-side {side}: use 8 to 2048' in err[0], err

@@ -173,11 +173,22 @@ def test_bad_yaml_is_one_line_naming_the_file(bad_configs, name, says, capsys):
     assert main(['train', '--config', str(bad_configs / name), '--dry-run']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0] and 'hunter2' not in err[0], err
+    if name != 'base_other.yaml': assert name in err[0], err  # the message names the file
+
+
+def test_a_base_outside_the_kit_is_not_printed(tmp_path, capsys):
+    "A .yaml `base:` anywhere on disk: its unknown keys are named, its values never printed (stdout or stderr)."
+    (tmp_path / 'other.yaml').write_text('password: hunter2\n')
+    (tmp_path / 'c.yaml').write_text(f'base: {tmp_path}/other.yaml\n')
+    assert main(['train', '--config', str(tmp_path / 'c.yaml'), '--dry-run']) == 2
+    out = capsys.readouterr()
+    assert 'hunter2' not in out.out + out.err and len(out.err.strip().splitlines()) == 1, out
 
 
 def test_unknown_device_and_damaged_checkpoint_are_one_line(tmp_path, capsys):
     assert main(['train', '--config', 'configs/tiny_regression_x4.yaml', '--dry-run', 'run.device=tpu']) == 2
-    assert 'run.device' in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'run.device' in err[0] and 'Traceback' not in err[0], err
     run = train(cfg_for(tmp_path / 'r', 'run.steps=1'))
     f = find_checkpoint(run) / 'ema.safetensors'
     f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])  # a write cut short
@@ -186,6 +197,12 @@ def test_unknown_device_and_damaged_checkpoint_are_one_line(tmp_path, capsys):
     assert main(['eval', '--ckpt', str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'ema.safetensors' in err[0], err
+    f.write_bytes(b'\x40\x00\x00\x00\x00\x00\x00\x00' + b'{not json at all' * 4)  # a corrupt header, not a short file
+    with pytest.raises(ValueError, match='ema.safetensors'):
+        load_task(run)
+    assert main(['eval', '--ckpt', str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'ema.safetensors' in err[0] and 'Traceback' not in err[0], err
 
 
 @pytest.fixture(scope='module')
@@ -232,7 +249,7 @@ def test_a_run_that_cannot_fit_this_machine_is_refused_before_it_starts(tmp_path
     assert not (tmp_path / 'big').exists()   # nothing was started
 
 
-def test_exploded_but_finite_weights_are_not_a_good_checkpoint(tmp_path):
+def test_exploded_but_finite_weights_are_not_a_good_checkpoint(tmp_path, capsys):
     "Before: weights of 1e30 at the step before the NaN were kept as the 'last good' checkpoint and sampled to a black PNG."
     from diffsr_kit.checkpoint import nonfinite_tensors, WEIGHT_LIMIT
     from torch import nn
@@ -240,6 +257,74 @@ def test_exploded_but_finite_weights_are_not_a_good_checkpoint(tmp_path):
     assert nonfinite_tensors(m) == []
     with torch.no_grad(): m['net'].weight[0, 0] = 1e30
     assert nonfinite_tensors(m) == ['net.weight'] and 1e30 > WEIGHT_LIMIT
+    # the same through the checkpoint writer and `sample`: 1e30 is finite, and still never a good checkpoint
+    run = train(cfg_for(tmp_path / 'r', 'run.steps=2', 'run.ckpt_every=1'))
+    t = load_task(run)
+    with torch.no_grad(): next(t.modules['unet'].parameters()).view(-1)[0] = 1e30
+    with pytest.raises(TrainingDiverged, match='Last good checkpoint: step_00000002'):
+        save_checkpoint(run, 3, t, None, {})
+    ck = find_checkpoint(run)
+    assert ck.name == 'step_00000002'
+    flat = load_file(str(ck / 'ema.safetensors'))
+    k = next(k for k in flat if flat[k].is_floating_point())
+    flat[k] = flat[k].clone(); flat[k].view(-1)[0] = 1e30
+    save_file(flat, str(ck / 'ema.safetensors'))
+    lr = _png(tmp_path / 'lr.png', 8, 8)
+    assert main(['sample', '--ckpt', str(run), '--input', str(lr), '--out', str(tmp_path / 'sr.png')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'exploded' in err[0], err
+    assert not (tmp_path / 'sr.png').exists()
+
+
+def test_a_real_second_training_is_refused_while_the_first_runs(tmp_path, capsys):
+    "The lock is taken by a running training (not written by the test): a second one in its folder stops with its PID."
+    import time
+    run = tmp_path / 'r'
+    args = ['train', '--config', 'configs/tiny_regression_x4.yaml', *TINY, 'run.steps=100000', f'run.out={run}']
+    first = subprocess.Popen([sys.executable, '-m', 'diffsr_kit.cli', *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        t0 = time.time()
+        while not (run / '.lock').exists() and time.time() - t0 < 120 and first.poll() is None: time.sleep(0.2)
+        assert (run / '.lock').read_text().split()[0] == str(first.pid)
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f'PID {first.pid}' in err[0], err
+    finally:
+        first.kill(); first.wait()
+
+
+@pytest.mark.parametrize('error', [
+    TrainingDiverged('The loss became non-finite at step 7. Last good checkpoint: step_00000005. Lower optim.lr.'),
+    PermissionError(13, 'Permission denied', 'runs/readonly/ckpt'),
+])
+def test_training_errors_reach_the_user_as_one_line(error, monkeypatch, tmp_path, capsys):
+    "A run that diverges, or a run folder that cannot be written, ends with one line and exit code 2 (--debug keeps the traceback)."
+    def boom(*a, **k): raise error
+    monkeypatch.setattr(train_mod, 'train', boom)
+    args = ['train', '--config', 'configs/tiny_regression_x4.yaml', f'run.out={tmp_path}/r']
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'Traceback' not in err[0] and (str(error.args[0]) in err[0] or 'Permission denied' in err[0]), err
+    with pytest.raises(type(error)): main(['--debug', *args])
+
+
+@pytest.mark.parametrize('cmd', ['degrade', 'sample --input', 'sample --hr'])
+def test_a_decompression_bomb_is_refused_from_its_header(cmd, tmp_path, small_ckpt, monkeypatch, capsys):
+    "An 8000x8000 PNG of a few kB (64 M pixels, 768 MB as floats): refused before any pixel is decoded."
+    import diffsr_kit.data as data_mod
+    from PIL import Image
+    bomb = tmp_path / 'bomb.png'
+    Image.new('L', (8000, 8000)).save(bomb, optimize=True)
+    assert bomb.stat().st_size < 200_000
+    def never(*a, **k): raise AssertionError('the image was decoded')
+    monkeypatch.setattr(data_mod, 'read_image', never)
+    args = {'degrade': ['degrade', str(bomb)], 'sample --input': ['sample', '--ckpt', str(small_ckpt), '--input', str(bomb)],
+            'sample --hr': ['sample', '--ckpt', str(small_ckpt), '--hr', str(bomb)]}[cmd]
+    assert main([*args, '--out', str(tmp_path / 'o.png')]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '64.0 M pixels' in err[0] and '--max-pixels' in err[0], err
+    assert not (tmp_path / 'o.png').exists()
 
 
 def test_demo_on_a_port_in_use_is_one_line(capsys):
