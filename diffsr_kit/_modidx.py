@@ -122,6 +122,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'diffsr_kit.claims.run_dir': ('api/claims.html#run_dir', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.select_claims': ('api/claims.html#select_claims', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.slug': ('api/claims.html#slug', 'diffsr_kit/claims.py'),
+                                   'diffsr_kit.claims.steps_check': ('api/claims.html#steps_check', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.train_and_evaluate': ('api/claims.html#train_and_evaluate', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.unmet': ('api/claims.html#unmet', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.verdict': ('api/claims.html#verdict', 'diffsr_kit/claims.py'),

@@ -18,11 +18,11 @@ from .stats import paired_differences, decide, ideal_bound
 
 # %% auto #0
 __all__ = ['METRICS', 'REQUIREMENTS', 'DIRECT', 'UP_RESIDUAL', 'ARMS', 'CLAIMS', 'BUDGETS', 'EVAL_CALL_SECONDS', 'START_MINUTES',
-           'STEPS_UNCAPPED', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'Metric', 'Arm', 'Claim', 'unmet', 'claims_table',
-           'select_claims', 'check_registry', 'slug', 'arm_minutes', 'run_cost_minutes', 'plan_claims', 'run_dir',
-           'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'arm_differences',
-           'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate', 'run_claims', 'build_report',
-           'claims_markdown', 'write_claims']
+           'STEPS_UNCAPPED', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm', 'Claim', 'unmet',
+           'claims_table', 'select_claims', 'check_registry', 'slug', 'arm_minutes', 'run_cost_minutes', 'plan_claims',
+           'run_dir', 'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'arm_differences',
+           'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate', 'run_claims', 'steps_check',
+           'build_report', 'claims_markdown', 'write_claims']
 
 # %% ../nbs/api/43_claims.ipynb #200d85fe
 @dataclass(frozen=True)
@@ -718,6 +718,19 @@ def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CL
     return report
 
 # %% ../nbs/api/43_claims.ipynb #195ad722
+STEPS_RATIO_WARN = 1.25  # arms of a claim whose mean step counts differ by more than this factor get a warning
+
+def steps_check(claim: Claim, measured: dict) -> dict:
+    "Mean optimiser steps per measured arm of the claim and max/min of them: wall-clock budgets buy unequal steps on a busy machine."
+    steps = {n: float(np.mean(measured[n]['steps_per_seed'])) for n in claim.arms
+             if measured.get(n, {}).get('status') == 'ok' and measured[n].get('steps_per_seed')}
+    ratio = max(steps.values()) / max(min(steps.values()), 1.0) if len(steps) > 1 else 1.0
+    text = ''
+    if ratio > STEPS_RATIO_WARN:
+        text = (f"unequal training: mean steps per arm {', '.join(f'{n} {s:.0f}' for n, s in steps.items())} (max/min {ratio:.2f}); "
+                "the arms had equal minutes on a shared machine, so the comparison also compares step counts")
+    return {'steps': steps, 'ratio': ratio, 'warning': text}
+
 def build_report(claims: Sequence[Claim], measured: dict, **header) -> dict:
     "Header (budget, machine, date), one entry per claim with its verdicts, and the measured arms."
     from diffsr_kit.metrics import describe_hardware
@@ -734,7 +747,8 @@ def build_report(claims: Sequence[Claim], measured: dict, **header) -> dict:
                          also={m: verdict(c, measured, m) for m in c.also},
                          differs=differences_text(arm_differences(c, header.get('minutes'))) if known else '',
                          budget={n: arm_minutes(ARMS[n], header.get('minutes')) for n in c.arms} if known else {},
-                         seeds={n: measured.get(n, {}).get('seeds', 0) for n in c.arms}))
+                         seeds={n: measured.get(n, {}).get('seeds', 0) for n in c.arms},
+                         steps_check=steps_check(c, measured)))
     return {'header': head, 'claims': rows, 'arms': measured}
 
 def _paper_text(c: dict) -> str:
@@ -752,6 +766,7 @@ def _kit_text(c: dict) -> str:
              f"[{g(p['low'])}, {g(p['high'])}] for the expected winner ({p['seeds']} seed(s) x {p['images']} images, won on "
              f"{p['images_won']}; {p['outcome']})" for p in v['pairs']]
     if v.get('why'): parts.append(f"undertrained: {v['why']}")
+    if (c.get('steps_check') or {}).get('warning'): parts.append(f"**{c['steps_check']['warning']}**")
     also = ', '.join(f"{METRICS[m].label} {a['verdict'] if not a['verdict'].startswith('not run') else 'n/a'}"
                      + (f" ({a['held']}/{a['n']} held)" if a['pairs'] else '') for m, a in c['also'].items())
     return '<br>'.join(parts) + (f"<br>also: {also}" if also else '')

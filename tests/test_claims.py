@@ -241,3 +241,14 @@ def test_cli_list_checks_configs(capsys):
     assert main(['bench', 'claims', '--list', '--claims', 'sr4_cosine', '--set', 'diffusion.nope=1']) == 2
     assert 'diffusion.nope' in capsys.readouterr().err
     assert main(['bench', 'claims', '--list', '--claims', 'sr5']) == 2  # unknown claim id
+
+
+def test_unequal_steps_are_flagged():
+    "Equal minutes on a busy machine can buy very different step counts: the report says so when they differ by > 25%."
+    c = C.Claim('t', 's', '', order=('A', 'B'))
+    ok = lambda steps: {'status': 'ok', 'psnr': 25.0, 'steps_per_seed': steps}
+    same = C.steps_check(c, {'A': ok([100, 110, 90]), 'B': ok([105, 95, 100])})
+    assert same['warning'] == '' and abs(same['ratio'] - 1.0) < 1e-9
+    bad = C.steps_check(c, {'A': ok([200, 210, 190]), 'B': ok([100, 100, 100])})
+    assert abs(bad['ratio'] - 2.0) < 1e-9 and 'unequal training' in bad['warning'] and 'A 200' in bad['warning']
+    assert C.steps_check(c, {'A': ok([100]), 'B': {'status': 'not run'}})['warning'] == ''  # one measured arm: nothing to compare

@@ -124,26 +124,30 @@ def _code_map(idx: np.ndarray) -> tuple[np.ndarray, str]:
 
 def plot_latent_channels(r: dict, # result of `autoencode`
                          rows: Sequence[int] | None = None, # which images (default: all)
-                         titles: Sequence[str] | None = None, size: float = 1.7):
+                         titles: Sequence[str] | None = None, size: float = 1.7,
+                         max_cols: int = 9, # panels per figure row: an image's panels wrap onto more rows beyond this
+                        ):
     "Per image: HR, then every latent channel (diverging, symmetric colour scale), then code indices (VQ)."
     import matplotlib.pyplot as plt
     rows = list(range(len(r['hr']))) if rows is None else list(rows)
     C, vq = r['z'].shape[1], r['indices'] is not None
-    ncol = 1 + C + vq
-    fig, axs = plt.subplots(len(rows), ncol, figsize=(size * ncol, size * len(rows)), squeeze=False)
+    n = 1 + C + vq                                   # panels per image
+    ncol = min(n, max_cols); per = -(-n // ncol)     # figure rows per image
+    fig, axs = plt.subplots(len(rows) * per, ncol, figsize=(size * ncol, size * len(rows) * per), squeeze=False)
     for a, i in enumerate(rows):
+        ax = lambda k: axs[a * per + k // ncol, k % ncol]   # the image's k-th panel
         hr = r['hr'][i]
-        axs[a, 0].imshow(hr[..., 0] if hr.shape[-1] == 1 else hr, cmap='gray', vmin=0, vmax=1)
-        axs[a, 0].set_title(titles[i] if titles else f'image {i}', fontsize=8)
+        ax(0).imshow(hr[..., 0] if hr.shape[-1] == 1 else hr, cmap='gray', vmin=0, vmax=1)
+        ax(0).set_title(titles[i] if titles else f'image {i}', fontsize=8)
         for c in range(C):
             v = float(np.abs(r['z'][i, c]).max()) or 1.0
-            axs[a, 1 + c].imshow(r['z'][i, c], cmap='RdBu_r', vmin=-v, vmax=v, interpolation='nearest')
-            axs[a, 1 + c].set_title(f'z[{c}] |max| {v:.2f}', fontsize=8)
+            ax(1 + c).imshow(r['z'][i, c], cmap='RdBu_r', vmin=-v, vmax=v, interpolation='nearest')
+            ax(1 + c).set_title(f'z[{c}] |max| {v:.2f}', fontsize=8)
         if vq:
             m, title = _code_map(r['indices'][i])
-            axs[a, -1].imshow(m, cmap='tab20', interpolation='nearest')
-            axs[a, -1].set_title(title, fontsize=8)
-    for ax in axs.flat: ax.axis('off')
+            ax(n - 1).imshow(m, cmap='tab20', interpolation='nearest')
+            ax(n - 1).set_title(title, fontsize=8)
+    for x in axs.flat: x.axis('off')
     fig.tight_layout()
     return fig
 
