@@ -102,6 +102,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'diffsr_kit.claims._train_key': ('api/claims.html#_train_key', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims._train_seconds': ('api/claims.html#_train_seconds', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims._vgg19_missing': ('api/claims.html#_vgg19_missing', 'diffsr_kit/claims.py'),
+                                   'diffsr_kit.claims._wait_while_training': ( 'api/claims.html#_wait_while_training',
+                                                                               'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims._worker_main': ('api/claims.html#_worker_main', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.arm_config': ('api/claims.html#arm_config', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.arm_differences': ('api/claims.html#arm_differences', 'diffsr_kit/claims.py'),

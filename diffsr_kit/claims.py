@@ -481,6 +481,15 @@ def _train_seconds(run: Path) -> float | None:
         return float(rows[-1]['seconds'])
     except (OSError, KeyError, IndexError, ValueError): return None
 
+def _wait_while_training(rd: Path, poll: float = 5.0):
+    "Wait while another process trains in `rd` (its .lock names a live PID): two claim runners may share one runs folder."
+    from diffsr_kit.train import _alive
+    while (rd / '.lock').exists():
+        try: pid = (rd / '.lock').read_text().strip()
+        except OSError: return
+        if not (pid.isdigit() and _alive(int(pid))) or int(pid) == os.getpid(): return
+        time.sleep(poll)
+
 def _train_key(arm: Arm, ov: list[str], base_done: dict | None) -> dict:
     "What a finished training must match to be reused: preset, every override, and the base run's finish stamp."
     return {'preset': arm.preset, 'overrides': list(ov), 'base': (base_done or {}).get('finished')}
@@ -517,6 +526,7 @@ def train_and_evaluate(arms: Sequence[Arm], # arms of ONE training run
     runs_dir = Path(runs_dir).resolve()
     a0, rd = arms[0], run_dir(runs_dir, arms[0].run_key, seed)
     ov = arm_overrides(a0, runs_dir, minutes, steps_cap, extra, registry, seed)
+    _wait_while_training(rd)  # another runner is training this very run: take its result instead of deleting it
     key, done = _train_key(a0, ov, base_done), _read_json(rd / TRAIN_DONE)
     if force or done is None or done.get('key') != key or not (rd / 'ckpt' / 'latest').exists():
         if rd.exists(): shutil.rmtree(rd)

@@ -252,3 +252,18 @@ def test_unequal_steps_are_flagged():
     bad = C.steps_check(c, {'A': ok([200, 210, 190]), 'B': ok([100, 100, 100])})
     assert abs(bad['ratio'] - 2.0) < 1e-9 and 'unequal training' in bad['warning'] and 'A 200' in bad['warning']
     assert C.steps_check(c, {'A': ok([100]), 'B': {'status': 'not run'}})['warning'] == ''  # one measured arm: nothing to compare
+
+
+def test_a_run_another_process_trains_is_waited_for_not_deleted(tmp_path):
+    "Two claim runners on one runs folder: the second waits while the first holds the run's lock (a live PID), then goes on."
+    import subprocess, sys, threading, time
+    rd = tmp_path / 'run'; rd.mkdir()
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3)'])
+    (rd / '.lock').write_text(f'{holder.pid}\n')
+    threading.Thread(target=lambda: (holder.wait(), (rd / '.lock').unlink()), daemon=True).start()
+    t0 = time.time()
+    C._wait_while_training(rd, poll=0.2)
+    assert time.time() - t0 > 2 and not (rd / '.lock').exists()
+    (rd / '.lock').write_text('999999999\n')  # a PID that is gone: no wait
+    t0 = time.time(); C._wait_while_training(rd, poll=0.2)
+    assert time.time() - t0 < 1
