@@ -96,6 +96,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'diffsr_kit.claims._paper_text': ('api/claims.html#_paper_text', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims._read_json': ('api/claims.html#_read_json', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims._registry': ('api/claims.html#_registry', 'diffsr_kit/claims.py'),
+                                   'diffsr_kit.claims._rel': ('api/claims.html#_rel', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims._samples': ('api/claims.html#_samples', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims._stop_text': ('api/claims.html#_stop_text', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims._tiles': ('api/claims.html#_tiles', 'diffsr_kit/claims.py'),

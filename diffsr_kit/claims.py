@@ -588,6 +588,12 @@ def _finished(arms: list[Arm], rd: Path, ov: list[str], base_done: dict | None, 
         if r is None or r.get('key') != _eval_key(a, done, size, sample_seeds, crops, eval_steps_cap): return False
     return True
 
+def _rel(p: str | Path) -> str:
+    "A path relative to the repository when it lies inside it (reports name no machine folder), else as it is."
+    p = Path(p)
+    try: return str(p.resolve().relative_to(repo_root()))
+    except ValueError: return str(p)
+
 def _log_tail(path: Path) -> str:
     try: lines = [l for l in path.read_text(errors='replace').splitlines() if l.strip()]
     except OSError: return 'no log'
@@ -612,7 +618,7 @@ def _measured(arms: list[Arm], status: dict, runs_dir: Path, seeds: int = 1) -> 
                        'sampler': rs[0]['sampler'], 'eval_steps': rs[0]['eval_steps'], 'eval_seconds': rs[0]['eval_seconds'],
                        'steps': ts[0]['steps'], 'steps_per_seed': [t['steps'] for t in ts], 'device': ts[0].get('device'),
                        'train_minutes': float(np.mean([(t['train_seconds'] or t['wall_seconds']) / 60 for t in ts])),
-                       'run_dir': str(rds[0]), 'preset': a.preset,
+                       'run_dir': _rel(rds[0]), 'preset': a.preset,
                        'overrides': list(a.overrides) + ([f'{a.base_key}=<{a.base} run>'] if a.base else []), 'card': rs[0]['card']}
     return out
 
@@ -721,7 +727,7 @@ def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CL
             if n not in measured: measured[n] = {'status': 'not run', 'reason': skipped.get(c.id, 'skipped')}
     budgets = {a.preset: arm_minutes(a, minutes) for c in sel for a in map(ARMS.get, c.arms)}
     report = build_report(sel, measured, minutes=minutes, budgets=budgets, total_minutes=total_minutes, skipped=skipped,
-                          threads=threads, jobs=jobs, steps_cap=steps_cap, size=size, runs_dir=str(runs_dir), extra=list(extra),
+                          threads=threads, jobs=jobs, steps_cap=steps_cap, size=size, runs_dir=_rel(runs_dir), extra=list(extra),
                           seeds=seeds, sample_seeds=sample_seeds, crops=crops, eval_steps_cap=eval_steps_cap,
                           bounds=reference_bounds(size, crops))
     write_claims(report, out)
@@ -786,7 +792,9 @@ def _cell(s) -> str: return str(s).replace('|', '/').replace('\n', ' ')
 def _budget_text(h: dict) -> str:
     "What stopped every arm: the step cap (the learning-rate decay follows the steps) or the clock (the decay follows the clock)."
     sel = (f" `--minutes {h['total_minutes']:g}` chose the claims that fit that wall clock on this machine (finished arms cost "
-           "nothing); the others are listed as skipped, with the time they need." if h.get('total_minutes') is not None else '')
+           "nothing); the others are listed as skipped, with the time they need." if h.get('total_minutes') else
+           " This table was collected with `--minutes 0`: it trains nothing and reports the claims whose arms earlier runs "
+           "finished; the others are listed as skipped, with the time they need." if h.get('total_minutes') == 0 else '')
     return _stop_text(h) + sel
 
 def _stop_text(h: dict) -> str:
