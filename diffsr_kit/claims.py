@@ -312,7 +312,7 @@ def run_cost_minutes(arms: Sequence[Arm], # the arms ONE training run serves
 def plan_claims(claims: Sequence[Claim], # in the order they are wanted
                 total_minutes: float, # wall clock for all of them
                 jobs: int = 1, seeds: int = 3,
-                done=lambda run_key, seed: False, # (run, seed) -> True when its finished results can be reused (cost 0)
+                done=lambda run_key, seed, arms: False, # (run, seed, the claim's arms of it) -> True when finished (cost 0)
                 **cost_kw, # minutes, size, crops, sample_seeds: as `run_cost_minutes`
                ) -> tuple[list[Claim], dict[str, str]]:
     "The claims that fit `total_minutes` with `jobs` workers, taken in order, and {skipped claim id: why}."
@@ -320,8 +320,9 @@ def plan_claims(claims: Sequence[Claim], # in the order they are wanted
     for c in claims:
         keys = list(dict.fromkeys(ARMS[n].run_key for n in c.arms if not unmet(ARMS[n])))
         keys += [ARMS[runs[k][0].base].run_key for k in keys if runs[k][0].base]
-        new = [(k, s) for k in dict.fromkeys(keys) for s in range(seeds) if (k, s) not in counted and not done(k, s)]
-        cost = sum(run_cost_minutes([a for a in runs[k] if a.name in c.arms] or runs[k][:1], **cost_kw) for k, _ in new) / jobs
+        mine = lambda k: [a for a in runs[k] if a.name in c.arms] or runs[k][:1]   # this claim's arms of run k
+        new = [(k, s) for k in dict.fromkeys(keys) for s in range(seeds) if (k, s) not in counted and not done(k, s, mine(k))]
+        cost = sum(run_cost_minutes(mine(k), **cost_kw) for k, _ in new) / jobs
         if spent + cost <= total_minutes:
             chosen.append(c); counted.update(new); spent += cost
         else: skipped[c.id] = (f"skipped: needs ~{cost:.0f} more min of this machine ({len(new)} training(s), {jobs} at once), "
@@ -649,9 +650,7 @@ def run_claims(claims: Sequence[str] | None = None, # claim ids (None: all of CL
     runs = check_registry()
     skipped: dict[str, str] = {}
     if total_minutes is not None:
-        every = {n for c in sel for n in c.arms}
-        def done(k, s):
-            arms_k = [a for a in runs[k] if a.name in every] or runs[k][:1]
+        def done(k, s, arms_k):
             b = arms_k[0].base
             base_done = _read_json(run_dir(runs_dir, ARMS[b].run_key, s) / TRAIN_DONE) if b else None
             ov = arm_overrides(arms_k[0], runs_dir, minutes, steps_cap, extra, seed=s)
