@@ -40,10 +40,23 @@ def _need_browser():
     if browser_required(): pytest.fail(why + ' (required here: CI=true or DIFFSR_REQUIRE_BROWSER=1)', pytrace=False)
     pytest.skip(why + ' (skipped: not under CI; set DIFFSR_REQUIRE_BROWSER=1 to make it fail)')
 
-def test_demo_in_headless_chromium(tmp_path):
-    _need_browser()
+def chrome_driver(window: str = '1400,1200'):
+    "A headless Chromium under selenium with the flags these machines need (no sandbox, no background network)."
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = _chromium()
+    for a in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+              '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-dev-shm-usage',
+              f'--window-size={window}', f'--user-data-dir={tempfile.mkdtemp(prefix="diffsr_chromium_")}'):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    driver.set_page_load_timeout(WAIT)
+    driver.set_script_timeout(WAIT)
+    return driver
+
+def test_demo_in_headless_chromium(tmp_path):
+    _need_browser()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -57,17 +70,9 @@ def test_demo_in_headless_chromium(tmp_path):
 
     first = default_model(models_available()[0], 4)  # the model the page preselects for x4 (a trained one when shipped)
     demo = launch_demo(make_demo(), host='127.0.0.1', port=free_port(), where='script')
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = _chromium()
-    for a in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-              '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-dev-shm-usage',
-              '--window-size=1400,1200', f'--user-data-dir={tempfile.mkdtemp(prefix="diffsr_chromium_")}'):
-        opts.add_argument(a)
     driver = None
     try:
-        driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-        driver.set_page_load_timeout(WAIT)
-        driver.set_script_timeout(WAIT)
+        driver = chrome_driver()
         wait = WebDriverWait(driver, WAIT)
         driver.get(demo.local_url)
         upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, '#upload input[type=file]')))
