@@ -114,6 +114,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'diffsr_kit.claims.build_report': ('api/claims.html#build_report', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.check_arm': ('api/claims.html#check_arm', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.check_registry': ('api/claims.html#check_registry', 'diffsr_kit/claims.py'),
+                                   'diffsr_kit.claims.claim_runs': ('api/claims.html#claim_runs', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.claims_markdown': ('api/claims.html#claims_markdown', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.claims_table': ('api/claims.html#claims_table', 'diffsr_kit/claims.py'),
                                    'diffsr_kit.claims.differences_text': ('api/claims.html#differences_text', 'diffsr_kit/claims.py'),

@@ -19,10 +19,10 @@ from .stats import paired_differences, decide, ideal_bound
 # %% auto #0
 __all__ = ['METRICS', 'REQUIREMENTS', 'DIRECT', 'UP_RESIDUAL', 'ARMS', 'CLAIMS', 'BUDGETS', 'EVAL_CALL_SECONDS', 'START_MINUTES',
            'STEPS_UNCAPPED', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm', 'Claim', 'unmet',
-           'claims_table', 'select_claims', 'check_registry', 'slug', 'arm_minutes', 'run_cost_minutes', 'plan_claims',
-           'run_dir', 'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'arm_differences',
-           'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate', 'run_claims', 'steps_check',
-           'build_report', 'claims_markdown', 'write_claims']
+           'claims_table', 'select_claims', 'check_registry', 'slug', 'arm_minutes', 'run_cost_minutes', 'claim_runs',
+           'plan_claims', 'run_dir', 'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root',
+           'arm_differences', 'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate', 'run_claims',
+           'steps_check', 'build_report', 'claims_markdown', 'write_claims']
 
 # %% ../nbs/api/43_claims.ipynb #200d85fe
 @dataclass(frozen=True)
@@ -309,6 +309,12 @@ def run_cost_minutes(arms: Sequence[Arm], # the arms ONE training run serves
     per_call = EVAL_CALL_SECONDS.get(arms[0].preset, 0.2) * (size / 128) ** 2
     return arm_minutes(arms[0], minutes) + START_MINUTES + calls * per_call * _tiles(size, crops) * sample_seeds / 60
 
+def claim_runs(c: Claim, runs: dict[str, list[Arm]] | None = None) -> list[str]:
+    "The training runs a claim needs: its runnable arms' runs, then the runs their bases need."
+    runs = check_registry() if runs is None else runs
+    keys = list(dict.fromkeys(ARMS[n].run_key for n in c.arms if not unmet(ARMS[n])))
+    return list(dict.fromkeys(keys + [ARMS[runs[k][0].base].run_key for k in keys if runs[k][0].base]))
+
 def plan_claims(claims: Sequence[Claim], # in the order they are wanted
                 total_minutes: float, # wall clock for all of them
                 jobs: int = 1, seeds: int = 3,
@@ -318,8 +324,7 @@ def plan_claims(claims: Sequence[Claim], # in the order they are wanted
     "The claims that fit `total_minutes` with `jobs` workers, taken in order, and {skipped claim id: why}."
     runs, counted, spent, chosen, skipped = check_registry(), set(), 0.0, [], {}
     for c in claims:
-        keys = list(dict.fromkeys(ARMS[n].run_key for n in c.arms if not unmet(ARMS[n])))
-        keys += [ARMS[runs[k][0].base].run_key for k in keys if runs[k][0].base]
+        keys = claim_runs(c, runs)
         mine = lambda k: [a for a in runs[k] if a.name in c.arms] or runs[k][:1]   # this claim's arms of run k
         new = [(k, s) for k in dict.fromkeys(keys) for s in range(seeds) if (k, s) not in counted and not done(k, s, mine(k))]
         cost = sum(run_cost_minutes(mine(k), **cost_kw) for k, _ in new) / jobs

@@ -42,8 +42,7 @@ def main(argv=None) -> int:
     import torch
     if not a.smoke and not torch.cuda.is_available(): p.error('no CUDA GPU here; use --smoke to check the table on the CPU')
     runs = C.check_registry()
-    keys = {C.ARMS[n].run_key for c in sel for n in c.arms if not C.unmet(C.ARMS[n])}
-    keys |= {C.ARMS[runs[k][0].base].run_key for k in keys if runs[k][0].base}
+    keys = {k for c in sel for k in C.claim_runs(c, runs)}
     seeds, sample_seeds, crops, size = (1, 1, 1, 32) if a.smoke else (3, 3, 4, 128)
     jobs = 2 if a.smoke else a.jobs
     if a.smoke: minutes, extra, steps_cap, eval_cap = 1.0, SMOKE, 2, 2

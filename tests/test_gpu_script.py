@@ -1,5 +1,7 @@
 "The GPU retraining script's plan runs end to end on the CPU with --smoke (what CI can check without a GPU)."
 import json, os, subprocess, sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +27,14 @@ def test_gpu_train_assets_smoke(tmp_path):
     assert 'assets/tiny_sr3_x4' not in (tmp_path / 'runs' / 'tiny_cgdpm_x4' / 'config.yaml').read_text()
 
 
-def test_gpu_train_assets_refuses_without_gpu_or_with_unknown_preset(tmp_path):
+@pytest.mark.parametrize('script, bad, says', [('gpu_train_assets.py', ['--only', 'tiny_nope'], 'unknown preset'),
+                                               ('gpu_claims.py', ['--claims', 'nope'], 'Unknown claim')])
+def test_gpu_scripts_refuse_without_gpu_or_with_unknown_names(script, bad, says, tmp_path):
     import torch
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / 'scripts' / 'gpu_train_assets.py'), *a, '--runs', str(tmp_path)],
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / 'scripts' / script), *a, '--runs', str(tmp_path)],
                                     capture_output=True, text=True, timeout=120)
-    r = run('--smoke', '--only', 'tiny_nope')
-    assert r.returncode == 2 and 'unknown preset' in r.stderr
+    r = run('--smoke', *bad)
+    assert r.returncode == 2 and says in r.stderr
     if not torch.cuda.is_available():
         r = run()
         assert r.returncode == 2 and 'no CUDA GPU' in r.stderr
