@@ -21,10 +21,10 @@ from .degrade import DegradeConfig, degrade, describe, resize
 from .metrics import lr_psnr, pixel_std_map, psnr, ssim
 
 # %% auto #0
-__all__ = ['MODELS', 'DemoInputError', 'DEGRADATIONS', 'OUTPUT_MAX_AGE_S', 'DEMO_CSS', 'API_DESCRIPTION', 'ENVIRONMENTS',
-           'MAX_SIDE_LIMIT', 'SRModel', 'bicubic_upsample', 'bicubic_model', 'register_model', 'models_available',
-           'checkpoint_model', 'register_shipped', 'DemoCancelled', 'DemoConfig', 'UpscaleResult', 'default_models',
-           'default_model', 'output_root', 'clean_outputs', 'write_outputs', 'upscale', 'make_demo',
+__all__ = ['MODELS', 'CHAIN_FRAMES', 'DemoInputError', 'DEGRADATIONS', 'OUTPUT_MAX_AGE_S', 'DEMO_CSS', 'API_DESCRIPTION',
+           'ENVIRONMENTS', 'MAX_SIDE_LIMIT', 'SRModel', 'bicubic_upsample', 'bicubic_model', 'register_model',
+           'models_available', 'checkpoint_model', 'register_shipped', 'DemoCancelled', 'DemoConfig', 'UpscaleResult',
+           'default_models', 'default_model', 'output_root', 'clean_outputs', 'write_outputs', 'upscale', 'make_demo',
            'detect_environment', 'host_warning', 'free_port', 'launch_plan', 'launch_demo', 'demo_cli_args',
            'demo_cli_run']
 
@@ -90,7 +90,9 @@ def models_available(registry: dict | None = None, # name -> loader; default: MO
     return ok, missing
 
 # %% ../nbs/api/52_demo.ipynb #ac689aef
-def _chain_frames(task, traj: dict, lr: torch.Tensor, k: int = 8) -> list:
+CHAIN_FRAMES = 8  # sampling steps whose HR estimate a checkpoint model keeps for the trajectory gallery (bounds its memory)
+
+def _chain_frames(task, traj: dict, lr: torch.Tensor, k: int = CHAIN_FRAMES) -> list:
     "Up to `k` evenly spaced HR estimates (C,H,W) in [0,1] of the first sample's trajectory."
     from diffsr_kit.core import from_model
     px = traj['pred_x0'][:, :1]
@@ -111,7 +113,7 @@ def checkpoint_model(path, # a checkpoint folder (shipped asset or run)
     def run(lr, sampler=None, steps=None, seed=0, n_samples=1, progress=None):
         x = to_model(lr).to(task.device).repeat(n_samples, 1, 1, 1)   # one generator, a different noise per row
         kw = dict(sampler=sampler or None, steps=steps or None) if task.samplers else {}
-        sr, traj = task.predict(x, seed=seed, return_trajectory=True, **kw)
+        sr, traj = task.predict(x, seed=seed, return_trajectory=CHAIN_FRAMES, **kw)  # k steps kept, not all
         return dict(sr=from_model(sr).float().cpu(), trajectory=_chain_frames(task, traj, x) if traj else [])
     meta = json.loads((Path(path) / 'meta.json').read_text()) if (Path(path) / 'meta.json').exists() else {}
     note = f"{task.name} x{task.cfg.data.scale}, trained {meta.get('step', '?')} steps on the bundled train split"

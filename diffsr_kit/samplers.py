@@ -124,8 +124,23 @@ def _setup(diffusion, steps, spacing, param, var_type, clip_x0, device):
     if steps is not None and int(steps) != s.T: s = s.respace(int(steps), spacing)
     return s, dict(param=param, var_type=var_type, clip_x0=clip)
 
-def _result(x, traj, return_trajectory):
-    if not return_trajectory: return x
+def _keep_steps(S: int, # steps the loop walks
+                return_trajectory: bool | int, # False, True (every step) or k >= 2 (k evenly spaced steps)
+               ) -> set | None:
+    "Loop positions (0 = first step) whose x_t and pred_x0 the trajectory keeps; None: no trajectory."
+    if return_trajectory is False or return_trajectory is None: return None
+    if return_trajectory is True: return set(range(S))
+    k = int(return_trajectory)
+    if k < 2: raise ValueError(f"return_trajectory={return_trajectory!r}: pass True for every step or an int k >= 2 "
+                               "for k evenly spaced steps (the first and the last included).")
+    return set(torch.linspace(0, S - 1, min(k, S)).round().long().tolist())
+
+def _record(traj, keep, n, x, x0, t):
+    "Append step n's x_t (after the step), pred_x0 and t to the trajectory when `keep` holds n."
+    if traj is not None and n in keep: traj['xt'].append(x.cpu()); traj['pred_x0'].append(x0.cpu()); traj['t'].append(int(t))
+
+def _result(x, traj):
+    if traj is None: return x
     return x, dict(xt=torch.stack(traj['xt']), pred_x0=torch.stack(traj['pred_x0']), t=torch.tensor(traj['t']))
 
 # %% ../nbs/api/05_samplers.ipynb #5a664c7f
@@ -142,19 +157,20 @@ def ddpm_sample(model_fn: Callable, # model_fn(xt, t) -> output; t: (N,) long pa
                 var_type: str | None = None, clip_x0: bool | None = None, # overrides of the Diffusion's choices
                 guidance: Callable | None = None, guidance_scale: float = 1.0, # CG-DPM eq. 13 hook
                 spacing: str = 'linspace', # schedules.SPACINGS key used when steps < T
-                return_trajectory: bool = False, # also return dict(xt=(S+1, N, ...), pred_x0=(S, N, ...), t=(S,))
+                return_trajectory: bool | int = False, # also return dict(xt=(S+1, N, ...), pred_x0=(S, N, ...), t=(S,)); k: only k evenly spaced steps
                 progress: bool = True, # tqdm bar (also off when TQDM_DISABLE is set)
                ):
     "Ancestral DDPM sampling from x_T ~ N(0, I) down to x0 (thesis eq. 3.15; SR4 eq. 7; SRDDGAN Algorithm 2 with param='x0')."
     x, gen = _start(shape, x_T, seed, generator, device)
     s, kw = _setup(diffusion, steps, spacing, param, var_type, clip_x0, x.device)
-    traj = dict(xt=[x.cpu()], pred_x0=[], t=[]) if return_trajectory else None
+    keep = _keep_steps(s.T, return_trajectory)
+    traj = dict(xt=[x.cpu()], pred_x0=[], t=[]) if keep is not None else None
     for i in tqdm(range(s.T - 1, -1, -1), desc='DDPM', disable=_progress_off(progress), leave=False):
         t_model = s.timesteps[i].to(x.device).expand(x.shape[0])
         x, x0 = ddpm_step(s, model_fn(x, t_model), x, i, guidance=guidance, guidance_scale=guidance_scale, generator=gen, **kw)
-        if traj is not None: traj['xt'].append(x.cpu()); traj['pred_x0'].append(x0.cpu()); traj['t'].append(int(s.timesteps[i]))
+        _record(traj, keep, s.T - 1 - i, x, x0, s.timesteps[i])
         step_done(s.T - i, s.T)
-    return _result(x, traj, return_trajectory)
+    return _result(x, traj)
 
 # %% ../nbs/api/05_samplers.ipynb #71307013
 @torch.no_grad()
@@ -171,21 +187,22 @@ def ddim_sample(model_fn: Callable, # model_fn(xt, t) -> output; t: (N,) long pa
                 clip_x0: bool | None = None, # override of the Diffusion's choice
                 guidance: Callable | None = None, guidance_scale: float = 1.0, # CG-DPM eq. 14-15 hook
                 spacing: str = 'linspace', # schedules.SPACINGS key: which k of the T steps are kept
-                return_trajectory: bool = False, # also return dict(xt=(S+1, N, ...), pred_x0=(S, N, ...), t=(S,))
+                return_trajectory: bool | int = False, # also return dict(xt=(S+1, N, ...), pred_x0=(S, N, ...), t=(S,)); k: only k evenly spaced steps
                 progress: bool = True, # tqdm bar (also off when TQDM_DISABLE is set)
                ):
     "DDIM sampling on k respaced steps (Song et al.; CG-DPM eq. 15 when guided)."
     x, gen = _start(shape, x_T, seed, generator, device)
     s, kw = _setup(diffusion, steps, spacing, param, None, clip_x0, x.device)
     kw.pop('var_type')
-    traj = dict(xt=[x.cpu()], pred_x0=[], t=[]) if return_trajectory else None
+    keep = _keep_steps(s.T, return_trajectory)
+    traj = dict(xt=[x.cpu()], pred_x0=[], t=[]) if keep is not None else None
     for i in tqdm(range(s.T - 1, -1, -1), desc=f'DDIM eta={eta:g}', disable=_progress_off(progress), leave=False):
         t_model = s.timesteps[i].to(x.device).expand(x.shape[0])
         x, x0 = ddim_step(s, model_fn(x, t_model), x, i, eta=eta, guidance=guidance,
                           guidance_scale=guidance_scale, generator=gen, **kw)
-        if traj is not None: traj['xt'].append(x.cpu()); traj['pred_x0'].append(x0.cpu()); traj['t'].append(int(s.timesteps[i]))
+        _record(traj, keep, s.T - 1 - i, x, x0, s.timesteps[i])
         step_done(s.T - i, s.T)
-    return _result(x, traj, return_trajectory)
+    return _result(x, traj)
 
 # %% ../nbs/api/05_samplers.ipynb #9dffc8d2
 SAMPLERS: dict[str, Callable] = {'ddpm': ddpm_sample, 'ddim': ddim_sample}
