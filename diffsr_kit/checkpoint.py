@@ -17,7 +17,8 @@ from .config import config_to_dict
 
 # %% auto #0
 __all__ = ['WEIGHT_LIMIT', 'TrainingDiverged', 'diverged', 'flat_state', 'load_flat_state', 'read_weights', 'nonfinite_tensors',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint']
+           'rng_state', 'set_rng_state', 'save_checkpoint', 'find_checkpoint', 'module_digest', 'find_shared',
+           'resolve_shared']
 
 # %% ../nbs/api/28_checkpoint.ipynb #8954b1ed
 class TrainingDiverged(RuntimeError):
@@ -127,3 +128,58 @@ def find_checkpoint(path: str | Path) -> Path:
     for ck in (p / 'ckpt', p):
         if (ck / 'latest').exists(): return ck / (ck / 'latest').read_text().strip()
     raise FileNotFoundError(f"{p} holds no checkpoint (no meta.json and no ckpt/latest). Train first, or pass a checkpoint folder.")
+
+# %% ../nbs/api/28_checkpoint.ipynb #406e6700
+def module_digest(flat: dict[str, torch.Tensor], # a flat `<module>.<name>` state
+                  module: str, # the module prefix
+                 ) -> str:
+    "SHA-256 over one module's tensors (names without the prefix, dtype, shape and values, in name order; -0.0 counts as 0.0)."
+    import hashlib
+    h, pre = hashlib.sha256(), module + '.'
+    for n in sorted(k for k in flat if k.startswith(pre)):
+        t = flat[n].contiguous()
+        if t.is_floating_point(): t = torch.where(t == 0, torch.zeros_like(t), t)  # the sign of a zero weight is not a difference
+        h.update(f'{n[len(pre):]}|{t.dtype}|{tuple(t.shape)}|'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+def _modules(flat: dict) -> set[str]:
+    return {k.split('.', 1)[0] for k in flat}
+
+def find_shared(flat: dict[str, torch.Tensor], # the flat state about to be written to `out`
+                out: Path, # its destination folder; its siblings are searched
+               ) -> dict[str, dict]:
+    "module -> {'asset', 'module', 'sha256'} for each module of `flat` a smaller sibling folder of `out` stores unchanged."
+    digests = {m: module_digest(flat, m) for m in _modules(flat)}
+    found = {}
+    for sib in sorted(Path(out).resolve().parent.glob('*/model.safetensors')):
+        if sib.parent == Path(out).resolve(): continue
+        other = read_weights(sib)
+        meta = json.loads((sib.parent / 'meta.json').read_text()) if (sib.parent / 'meta.json').exists() else {}
+        if len(_modules(other) | set(meta.get('shared') or {})) >= len(digests): continue  # only to a checkpoint of fewer modules:
+        # the regressor, the autoencoder, SR3 inside CG-DPM; so a base never points into a model built on it (no cycles)
+        for om in _modules(other):
+            d = module_digest(other, om)
+            for m, dm in digests.items():
+                if dm == d and m not in found: found[m] = dict(asset=sib.parent.name, module=om, sha256=d)
+    return found
+
+def resolve_shared(flat: dict[str, torch.Tensor], # the tensors the checkpoint file stores
+                   shared: dict[str, dict], # meta.json's 'shared' entry
+                   ck: Path, # the checkpoint folder (its siblings hold the shared modules)
+                  ) -> dict[str, torch.Tensor]:
+    "`flat` completed with each shared module read from its sibling folder; errors name the folder and the fix."
+    flat = dict(flat)
+    for m, s in shared.items():
+        src = Path(ck).resolve().parent / s['asset'] / 'model.safetensors'
+        if not src.exists():
+            raise FileNotFoundError(f"{Path(ck).name}/ shares its '{m}' weights with {s['asset']}/ (module '{s['module']}'), "
+                                    f"and {src.parent.name}/model.safetensors is not beside it. Keep the checkpoint folders of "
+                                    "assets/ together (copy the whole folder), or re-export with shared modules off.")
+        other = read_weights(src)
+        if module_digest(other, s['module']) != s['sha256']:
+            raise ValueError(f"{Path(ck).name}/ was trained with the '{s['module']}' weights {s['asset']}/ held then, and they "
+                             f"have changed since (SHA-256 differs). Retrain {Path(ck).name} against the new {s['asset']}, or "
+                             f"restore the old {s['asset']}/ folder.")
+        pre = s['module'] + '.'
+        flat.update({f'{m}.{k[len(pre):]}': t for k, t in other.items() if k.startswith(pre)})
+    return flat

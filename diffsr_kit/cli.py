@@ -241,11 +241,12 @@ def _export_args(p):
     p.add_argument('--out', required=True, help='destination folder, e.g. assets/tiny_sr3_x4')
     p.add_argument('--fp32', action='store_true', help='keep every tensor in fp32')
     p.add_argument('--command', default='', help='the command that produced the run (recorded in meta.json)')
+    p.add_argument('--no-share', action='store_true', help="store every module, also those a sibling folder of --out stores (meta.json 'shared')")
 
 @_export_args.runner
 def _export(a) -> int:
     from diffsr_kit.train import export_checkpoint
-    out = export_checkpoint(a.ckpt, a.out, fp16=not a.fp32, command=a.command)
+    out = export_checkpoint(a.ckpt, a.out, fp16=not a.fp32, command=a.command, share=not a.no_share)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(json.dumps({'out': str(out), 'mb': round(size, 3)}))
     return 0

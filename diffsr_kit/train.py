@@ -18,7 +18,7 @@ from .core import get_device, seed_everything, atomic_write, atomic_write_text, 
 from .config import save_config, config_to_dict, config_from_dict, ConfigError, load_config, read_yaml_chain
 from . import dist
 from .checkpoint import (TrainingDiverged, diverged, flat_state, load_flat_state, nonfinite_tensors, read_weights,
-                                   rng_state, set_rng_state, save_checkpoint, find_checkpoint)
+                                   rng_state, set_rng_state, save_checkpoint, find_checkpoint, find_shared, resolve_shared)
 from .cudagraph import CUDAGraphed, cuda_graphed
 
 # %% auto #0
@@ -223,7 +223,9 @@ def load_task(path: str | Path, # run folder, ckpt folder, or checkpoint folder
     task = cls(cfg, get_device(device), pretrained=False)
     f = ck / f'{weights}.safetensors'
     if not f.exists(): f = ck / 'model.safetensors'
-    load_flat_state(task.modules, read_weights(f), optional=cls.train_only)
+    flat = read_weights(f)
+    if meta.get('shared'): flat = resolve_shared(flat, meta['shared'], ck)  # modules a sibling asset folder stores
+    load_flat_state(task.modules, flat, optional=cls.train_only)
     if bad := nonfinite_tensors(task.modules):
         raise ValueError(f"{f} holds non-finite or exploded weights ({', '.join(bad[:3])}): the run diverged before this checkpoint. "
                          "Use an earlier checkpoint (ckpt/step_*) or retrain with a lower optim.lr.")
@@ -239,6 +241,7 @@ def export_checkpoint(src: str | Path, # run folder, ckpt folder or checkpoint f
                       fp16: bool = True, # store floating tensors in fp16 where that rounds them by at most fp16_tol
                       fp16_tol: float = 1e-3, # max relative rounding error allowed per tensor (else it stays fp32)
                       command: str = '', # the exact command that produced the run, recorded in meta.json
+                      share: bool = True, # store by reference a module a sibling folder of `out` already stores unchanged
                      ) -> Path:
     "Write EMA (else raw) weights + meta.json of a checkpoint to `out`, atomically; returns `out`."
     ck = find_checkpoint(src)
@@ -254,9 +257,14 @@ def export_checkpoint(src: str | Path, # run folder, ckpt folder or checkpoint f
             err = ((h - t).abs().max() / t.abs().max().clamp_min(1e-12)).item()
             if torch.isfinite(h).all() and err <= fp16_tol: flat[k] = t.half()
             else: kept32.append(k)
+    if meta.get('shared'): flat = resolve_shared(flat, meta['shared'], ck)   # re-exporting an export: whole again first
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    meta.update(weights='ema' if f.exists() else 'model', fp16=fp16, kept_fp32=kept32, command=command,
-                exported_from=str(ck))
+    shared = find_shared(flat, out) if share else {}
+    flat = {k: t for k, t in flat.items() if k.split('.', 1)[0] not in shared}
+    again = 'exported_from' in meta  # re-exporting an export (e.g. to share its modules): keep where its weights came from
+    meta.update(weights=meta['weights'] if again else 'ema' if f.exists() else 'model', fp16=fp16, kept_fp32=kept32,
+                command=command or (meta.get('command', '') if again else ''),
+                exported_from=meta['exported_from'] if again else str(ck), shared=shared)
     atomic_write(out / 'model.safetensors', lambda p: save_file(flat, str(p)))
     atomic_write_text(out / 'meta.json', json.dumps(meta, indent=1))
     return out

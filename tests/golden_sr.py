@@ -33,7 +33,13 @@ def lr_input() -> torch.Tensor:
     return protocol_lr(hr) * 2 - 1
 
 def weights_hash(folder: Path) -> str:
-    return hashlib.sha256((folder / 'model.safetensors').read_bytes()).hexdigest()
+    "SHA-256 of the weights the checkpoint loads (modules shared with sibling folders included), not of its file."
+    from diffsr_kit.checkpoint import module_digest, read_weights, resolve_shared
+    meta = json.loads((folder / 'meta.json').read_text())
+    flat = resolve_shared(read_weights(folder / 'model.safetensors'), meta.get('shared') or {}, folder)
+    h = hashlib.sha256()
+    for m in sorted({k.split('.', 1)[0] for k in flat}): h.update(f'{m}:{module_digest(flat, m)};'.encode())
+    return h.hexdigest()
 
 def run(folder: Path, kw: dict, lr: torch.Tensor) -> np.ndarray:
     "The SR output of one call, as float32 (1, 3, 64, 64) in [-1, 1]."
@@ -44,6 +50,7 @@ def run(folder: Path, kw: dict, lr: torch.Tensor) -> np.ndarray:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--only', nargs='*', default=None, help='checkpoint folders to (re-)record; default: all')
+    p.add_argument('--hashes-only', action='store_true', help='re-record only the weights hashes (after a change of how they are computed)')
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     old = dict(np.load(GOLDEN)) if GOLDEN.exists() else {}
@@ -53,6 +60,7 @@ def main(argv=None):
         if a.only and name not in a.only: continue
         folder = ROOT / 'assets' / name
         out[f'{name}/sha256'] = np.array(weights_hash(folder))
+        if a.hashes_only: continue
         for label, kw in calls:
             out[f'{name}/{label}'] = run(folder, kw, lr)
             print(name, label, float(np.abs(out[f'{name}/{label}']).mean()))

@@ -16,12 +16,14 @@ def lr_png(tmp_path_factory):
 def _base_of_cgdpm(tmp_path):
     "A plain 'ddpm' checkpoint folder holding the CG-DPM asset's frozen base (its 'unet' and, if any, 'regressor' weights)."
     import json
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     src = ASSETS / 'tiny_cgdpm_x4'
     meta = json.loads((src / 'meta.json').read_text())
     cfg = {k: v for k, v in meta['config'].items() if k != 'guide'}
     cfg['task'] = 'ddpm'
-    flat = {k: v for k, v in load_file(str(src / 'model.safetensors')).items() if k.split('.')[0] in ('unet', 'regressor')}
+    from diffsr_kit.checkpoint import read_weights, resolve_shared
+    whole = resolve_shared(read_weights(src / 'model.safetensors'), meta.get('shared') or {}, src)  # shared modules read back
+    flat = {k: v for k, v in whole.items() if k.split('.')[0] in ('unet', 'regressor')}
     out = tmp_path / 'cgdpm_base'; out.mkdir()
     save_file(flat, str(out / 'model.safetensors'))
     (out / 'meta.json').write_text(json.dumps({'step': meta['step'], 'task': 'ddpm', 'config': cfg}))

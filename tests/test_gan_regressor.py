@@ -133,3 +133,29 @@ def test_export_leaves_out_train_only_modules(tmp_path):
     back = load_task(out)
     torch.testing.assert_close(back.predict(lr, seed=1, steps=5), cg.predict(lr, seed=1, steps=5, modules=cg.modules),
                                rtol=0, atol=2e-3)  # fp16 export of the weights
+
+
+def test_export_shares_a_module_a_sibling_asset_stores(tmp_path, regressors):
+    "An SRDDGAN exported beside its regressor's export stores the regressor by reference; it loads and samples as the"
+    "self-contained export does, and a missing or retrained regressor folder is refused by name."
+    d, _ = regressors
+    export_checkpoint(d / 'trained', tmp_path / 'assets' / 'reg')
+    task = _task('srddgan', f'regressor={tmp_path}/assets/reg')
+    save_checkpoint(tmp_path / 'gan', 1, task, None, {})
+    shared = export_checkpoint(tmp_path / 'gan', tmp_path / 'assets' / 'gan')
+    alone = export_checkpoint(tmp_path / 'gan', tmp_path / 'elsewhere' / 'gan')  # no sibling: stores everything
+    meta = __import__('json').loads((shared / 'meta.json').read_text())
+    assert set(meta['shared']) == {'regressor'} and meta['shared']['regressor']['asset'] == 'reg'
+    assert (shared / 'model.safetensors').stat().st_size < (alone / 'model.safetensors').stat().st_size
+    _, lr = _batch()
+    torch.testing.assert_close(load_task(shared).predict(lr, seed=2), load_task(alone).predict(lr, seed=2), rtol=0, atol=0)
+    reg = load_task(tmp_path / 'assets' / 'reg')                    # the regressor is retrained: its folder changes
+    with torch.no_grad():
+        next(reg.modules['unet'].parameters()).add_(0.01)
+    save_checkpoint(tmp_path / 'reg2', 2, reg, None, {})
+    shutil.rmtree(tmp_path / 'assets' / 'reg'); export_checkpoint(tmp_path / 'reg2', tmp_path / 'assets' / 'reg')
+    with pytest.raises(ValueError, match="changed since.*Retrain gan"):
+        load_task(shared)
+    shutil.rmtree(tmp_path / 'assets' / 'reg')
+    with pytest.raises(FileNotFoundError, match="shares its 'regressor' weights with reg/"):
+        load_task(shared)
