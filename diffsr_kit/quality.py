@@ -348,9 +348,13 @@ def perception_distortion_figure(rows: list[dict], # rows of bench_quality (psnr
     import matplotlib.pyplot as plt
     pts = [r for r in rows if r.get('psnr') is not None and r.get('niqe') is not None]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in pts:
+    placed = []  # (psnr, niqe, label above?) of the points labelled so far, left to right
+    for r in sorted(pts, key=lambda r: r['psnr']):
+        near = [up for x, y, up in placed if r['psnr'] - x < 0.9 and abs(r['niqe'] - y) < 0.3]
+        up = not (near and near[-1])   # a close neighbour labelled above: this label goes below, so they do not overlap
         ax.scatter(r['psnr'], r['niqe'], s=30)
-        ax.annotate(r['method'], (r['psnr'], r['niqe']), textcoords='offset points', xytext=(4, 4), fontsize=7)
+        ax.annotate(r['method'], (r['psnr'], r['niqe']), textcoords='offset points', xytext=(4, 4 if up else -10), fontsize=7)
+        placed.append((r['psnr'], r['niqe'], up))
     ax.set(xlabel='PSNR (dB), higher: less distortion', ylabel='NIQE, lower: more natural statistics', title=title)
     ax.invert_yaxis(); ax.grid(alpha=0.3)
     fig.tight_layout()

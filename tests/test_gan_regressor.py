@@ -144,6 +144,9 @@ def test_export_shares_a_module_a_sibling_asset_stores(tmp_path, regressors):
     save_checkpoint(tmp_path / 'gan', 1, task, None, {})
     shared = export_checkpoint(tmp_path / 'gan', tmp_path / 'assets' / 'gan')
     alone = export_checkpoint(tmp_path / 'gan', tmp_path / 'elsewhere' / 'gan')  # no sibling: stores everything
+    whole = export_checkpoint(tmp_path / 'gan', tmp_path / 'assets' / 'gan_whole', share=False)  # export --no-share
+    assert __import__('json').loads((whole / 'meta.json').read_text())['shared'] == {}
+    assert (whole / 'model.safetensors').read_bytes() == (alone / 'model.safetensors').read_bytes()
     meta = __import__('json').loads((shared / 'meta.json').read_text())
     assert set(meta['shared']) == {'regressor'} and meta['shared']['regressor']['asset'] == 'reg'
     assert (shared / 'model.safetensors').stat().st_size < (alone / 'model.safetensors').stat().st_size
