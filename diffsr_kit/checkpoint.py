@@ -149,18 +149,18 @@ def find_shared(flat: dict[str, torch.Tensor], # the flat state about to be writ
                 out: Path, # its destination folder; its siblings are searched
                ) -> dict[str, dict]:
     "module -> {'asset', 'module', 'sha256'} for each module of `flat` a smaller sibling folder of `out` stores unchanged."
-    digests = {m: module_digest(flat, m) for m in _modules(flat)}
+    mods = _modules(flat)
+    by_digest = {module_digest(flat, m): m for m in mods}
     found = {}
     for sib in sorted(Path(out).resolve().parent.glob('*/model.safetensors')):
         if sib.parent == Path(out).resolve(): continue
         other = read_weights(sib)
         meta = json.loads((sib.parent / 'meta.json').read_text()) if (sib.parent / 'meta.json').exists() else {}
-        if len(_modules(other) | set(meta.get('shared') or {})) >= len(digests): continue  # only to a checkpoint of fewer modules:
+        if len(_modules(other) | set(meta.get('shared') or {})) >= len(mods): continue  # only to a checkpoint of fewer modules:
         # the regressor, the autoencoder, SR3 inside CG-DPM; so a base never points into a model built on it (no cycles)
         for om in _modules(other):
             d = module_digest(other, om)
-            for m, dm in digests.items():
-                if dm == d and m not in found: found[m] = dict(asset=sib.parent.name, module=om, sha256=d)
+            if (m := by_digest.get(d)) and m not in found: found[m] = dict(asset=sib.parent.name, module=om, sha256=d)
     return found
 
 def resolve_shared(flat: dict[str, torch.Tensor], # the tensors the checkpoint file stores
