@@ -496,14 +496,17 @@ def _bench_claims_args(p):
     p.add_argument('--claims', default=None, help='comma-separated claim ids (default: all; see --list)')
     p.add_argument('--minutes', type=float, default=None, help='run only the claims that fit this many minutes of wall clock '
                    '(finished arms are free); default: every claim')
-    p.add_argument('--arm-minutes', type=float, default=None, help="training minutes of every arm (default: each preset's "
-                   'claims.BUDGETS entry)')
+    p.add_argument('--arm-minutes', type=float, default=None, help="wall-clock minutes of every arm; the clock stops training "
+                   "(default: each preset's claims.BUDGET_STEPS steps, the clock only guards)")
+    p.add_argument('--carry', default=None, metavar='CLAIMS_JSON', help='an earlier claims.json: a claim not measured in this call '
+                   'keeps its row from there (labelled, with its date and budget) while its arms still train the same configs')
     p.add_argument('--eval-steps-cap', type=int, default=None, help='at most this many sampler steps per arm (smoke runs)')
     p.add_argument('--jobs', type=int, default=1, help='arms trained at once (one process each)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads per arm (OMP_NUM_THREADS)')
     p.add_argument('--out', default='results', help='folder for claims.md and claims.json')
     p.add_argument('--runs-dir', default='runs/claims', help='one run folder per arm; finished ones are reused')
-    p.add_argument('--steps-cap', type=int, default=None, help='also stop every arm after this many steps (tests)')
+    p.add_argument('--steps-cap', type=int, default=None, help="optimiser steps of every arm (default: each preset's "
+                   'claims.BUDGET_STEPS entry)')
     p.add_argument('--size', type=int, default=128, help='HR tile side of the held-out images')
     p.add_argument('--seeds', type=int, default=3, help='training seeds per arm (the intervals resample them)')
     p.add_argument('--sample-seeds', type=int, default=3, help='sampling seeds per image, the same for every arm')
@@ -532,7 +535,7 @@ def _bench_claims(a) -> int:
     rep = run_claims(ids, minutes=a.arm_minutes, total_minutes=a.minutes, eval_steps_cap=a.eval_steps_cap, out=a.out,
                      runs_dir=a.runs_dir, jobs=a.jobs, threads=a.threads,
                      steps_cap=a.steps_cap, size=a.size, resume=not a.no_resume, extra=a.set, seeds=a.seeds,
-                     sample_seeds=a.sample_seeds, crops=a.crops)
+                     sample_seeds=a.sample_seeds, crops=a.crops, carry=a.carry)
     if a.json: print(json.dumps(rep, default=str))
     else: print(format_table([dict(claim=c['id'], source=c['source'], metric=c['metric'],
                                    verdict=c['verdict'] if len(c['verdict']) <= 90 else c['verdict'][:87] + '...') for c in rep['claims']]))
