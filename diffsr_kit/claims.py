@@ -18,10 +18,10 @@ from .stats import paired_differences, decide, ideal_bound
 
 # %% auto #0
 __all__ = ['METRICS', 'REQUIREMENTS', 'DIRECT', 'UP_RESIDUAL', 'ARMS', 'CLAIMS', 'BUDGET_STEPS', 'PACE_SECONDS', 'GUARD',
-           'GUARD_MIN', 'EVAL_CALL_SECONDS', 'START_MINUTES', 'STEPS_UNCAPPED', 'BUDGET_KEYS', 'UNDERTRAINED_MARGIN',
-           'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm', 'Claim', 'unmet', 'claims_table', 'select_claims',
-           'check_registry', 'slug', 'arm_budget', 'run_cost_minutes', 'claim_runs', 'plan_claims', 'run_dir',
-           'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'arm_settings',
+           'GUARD_MIN', 'EVAL_CALL_SECONDS', 'START_MINUTES', 'STEPS_UNCAPPED', 'BUDGET_KEYS', 'SAMPLE_KEYS',
+           'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm', 'Claim', 'unmet', 'claims_table',
+           'select_claims', 'check_registry', 'slug', 'arm_budget', 'run_cost_minutes', 'claim_runs', 'plan_claims',
+           'run_dir', 'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'arm_settings',
            'config_digest', 'arm_differences', 'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate',
            'run_claims', 'steps_check', 'build_report', 'carry_claims', 'claims_markdown', 'write_claims']
 
@@ -154,7 +154,7 @@ _SR4_ROWS = {'baseline': {'row': 'SR3 (baseline, 2000 steps)', 'psnr': 23.0, 'ss
 _SR4_NOTE = ("SR4 shortens the chain by training and sampling with 500 instead of 2000 steps; here every model has T = 1000 "
              "and 'reduced steps' is DDIM-10 (the presets sample DDIM-50). v-prediction and min-SNR-5 weighting in every arm, as the tiny presets; no regressor ('direct' diffuses HR, 'residual' "
             "HR - Up(LR)).")
-_GAN_NOTE = ("Tiny preset: x4 (16 -> 64 patches) on bundled images, residual chain and an L1 pixel term (gan.pixel = 1) kept in "
+_GAN_NOTE = ("Tiny preset: x4 (16 -> 64 patches) on bundled images, residual chain and an L1 pixel term (gan.pixel = 10, as the preset) kept in "
              "every arm, so only the switch under test differs; the paper is 8x CelebA-HQ.")
 _LD_NOTE = ("Rows are lddpm.ABLATION_ROWS on configs/tiny_lddpm_x4.yaml (T = 4, residual chain, x0 output, VGG terms off "
             "unless the row needs them); the paper is 4x CelebA.")
@@ -427,10 +427,11 @@ def arm_settings(a: Arm, minutes: float | None = None, steps_cap: int | None = N
     return f
 
 BUDGET_KEYS = ('run.steps', 'run.max_minutes', 'run.val_every', 'run.ckpt_every', 'run.keep_ckpts', 'run.progress')  # how long, not what
+SAMPLE_KEYS = ('sample.sampler', 'sample.steps')  # the preset's default sampler: what an arm is evaluated with is its 'eval' entry
 
 def config_digest(a: Arm, extra: Sequence[str] = ()) -> str:
     "A digest of what the arm trains and how it is evaluated, budget left out: a stored result is carried over only while it matches."
-    f = {k: v for k, v in arm_settings(a, extra=extra).items() if k not in BUDGET_KEYS}
+    f = {k: v for k, v in arm_settings(a, extra=extra).items() if k not in BUDGET_KEYS + SAMPLE_KEYS}
     return hashlib.sha256(json.dumps(f, sort_keys=True).encode()).hexdigest()[:16]
 
 def arm_differences(claim: Claim, minutes: float | None = None, steps_cap: int | None = None) -> dict[str, dict[str, str]]:
@@ -822,8 +823,11 @@ def carry_claims(report: dict, # a fresh report (`build_report`)
         if changed:
             rows.append({**c, 'carry_note': f"the result of {earlier['header']['date']} was not carried over: "
                                             f"{', '.join(changed)} no longer train(s) the config it measured"}); continue
-        rows.append({**o, 'carried': o.get('carried') or dict(date=earlier['header']['date'], budget=_stop_text(earlier['header']),
-                                                                  source=source)})
+        eh = earlier['header']
+        clock = not all(isinstance(b, dict) for b in (eh.get('budgets') or {}).values())
+        rows.append({**o, 'carried': o.get('carried') or dict(
+            date=eh['date'], devices=', '.join(eh.get('devices') or []), source=source,
+            budget='minute budgets: equal minutes, unequal steps' if clock else 'step budgets')})
         arms.update({n: old_arms[n] for n in names})
     return {**report, 'claims': rows, 'arms': arms}
 
@@ -843,7 +847,10 @@ def _kit_text(c: dict) -> str:
              f"{p['images_won']}; {p['outcome']})" for p in v['pairs']]
     if v.get('why'): parts.append(f"undertrained: {v['why']}")
     if (c.get('steps_check') or {}).get('warning'): parts.append(f"**{c['steps_check']['warning']}**")
-    if c.get('carried'): parts.append(f"*carried from the table of {c['carried']['date']}* ({c['carried']['budget']})")
+    if c.get('carried'):
+        k = c['carried']
+        parts.append(f"*carried from the table of {k['date']}* ({k['source'] or 'an earlier claims.json'}; trained on "
+                     f"{k.get('devices') or 'its machine'} under {k['budget']}; each arm's budget below)")
     also = ', '.join(f"{METRICS[m].label} {a['verdict'] if not a['verdict'].startswith('not run') else 'n/a'}"
                      + (f" ({a['held']}/{a['n']} held)" if a['pairs'] else '') for m, a in c['also'].items())
     return '<br>'.join(parts) + (f"<br>also: {also}" if also else '')

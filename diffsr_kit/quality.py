@@ -21,11 +21,11 @@ from .metrics import (ConventionCard, LPIPSMetric, MissingWeightsError, bicubic_
                                 evaluate_batch, kit_niqe_model, niqe)
 
 # %% auto #0
-__all__ = ['PROTOCOL', 'INFERENCE_EXCLUDED', 'QUALITY_METHODS', 'QUALITY_COLUMNS', 'QUALITY_HEADERS', 'QualityProtocol',
-           'quantise8', 'protocol_lr', 'quality_images', 'Predictor', 'inference_params', 'load_bicubic',
-           'load_checkpoint', 'QualityMethod', 'quality_methods', 'select_methods', 'method_status', 'lpips_or_reason',
-           'MethodResult', 'run_methods', 'quality_card', 'format_quality_table', 'card_html', 'bench_quality',
-           'quality_markdown', 'perception_distortion_figure', 'write_quality']
+__all__ = ['PROTOCOL', 'INFERENCE_EXCLUDED', 'QUALITY_METHODS', 'QUALITY_COLUMNS', 'QUALITY_HEADERS', 'LABEL_PLACES',
+           'QualityProtocol', 'quantise8', 'protocol_lr', 'quality_images', 'Predictor', 'inference_params',
+           'load_bicubic', 'load_checkpoint', 'QualityMethod', 'quality_methods', 'select_methods', 'method_status',
+           'lpips_or_reason', 'MethodResult', 'run_methods', 'quality_card', 'format_quality_table', 'card_html',
+           'bench_quality', 'quality_markdown', 'perception_distortion_figure', 'write_quality']
 
 # %% ../nbs/api/42_quality.ipynb #44d489a2
 @dataclass(frozen=True)
@@ -348,17 +348,25 @@ def perception_distortion_figure(rows: list[dict], # rows of bench_quality (psnr
     import matplotlib.pyplot as plt
     pts = [r for r in rows if r.get('psnr') is not None and r.get('niqe') is not None]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    placed = []  # (psnr, niqe, label above?) of the points labelled so far, left to right
-    for r in sorted(pts, key=lambda r: r['psnr']):
-        near = [up for x, y, up in placed if r['psnr'] - x < 0.9 and abs(r['niqe'] - y) < 0.3]
-        up = not (near and near[-1])   # a close neighbour labelled above: this label goes below, so they do not overlap
-        ax.scatter(r['psnr'], r['niqe'], s=30)
-        ax.annotate(r['method'], (r['psnr'], r['niqe']), textcoords='offset points', xytext=(4, 4 if up else -10), fontsize=7)
-        placed.append((r['psnr'], r['niqe'], up))
+    pts = sorted(pts, key=lambda r: r['psnr'])
+    for r in pts: ax.scatter(r['psnr'], r['niqe'], s=30)
     ax.set(xlabel='PSNR (dB), higher: less distortion', ylabel='NIQE, lower: more natural statistics', title=title)
     ax.invert_yaxis(); ax.grid(alpha=0.3)
     fig.tight_layout()
+    ax.set_xlim(ax.get_xlim()); ax.set_ylim(ax.get_ylim())  # frozen, so the label boxes measured below stay where they are
+    renderer, boxes = fig.canvas.get_renderer(), []  # label boxes placed so far, in display pixels
+    for r in pts:  # each label takes the first place around its point that overlaps no label placed before it
+        for dx, dy, ha in LABEL_PLACES:
+            a = ax.annotate(r['method'], (r['psnr'], r['niqe']), textcoords='offset points', xytext=(dx, dy), ha=ha, fontsize=7)
+            box = a.get_window_extent(renderer)
+            inside = fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+            if inside and not any(box.overlaps(b) for b in boxes): break
+            a.remove()
+        else: a = ax.annotate(r['method'], (r['psnr'], r['niqe']), textcoords='offset points', xytext=(4, 4), fontsize=7)
+        boxes.append(a.get_window_extent(renderer))
     return fig
+
+LABEL_PLACES = ((4, 4, 'left'), (4, -10, 'left'), (-4, 4, 'right'), (-4, -10, 'right'), (4, 12, 'left'), (4, -18, 'left'))  # (dx, dy) points
 
 def write_quality(res: dict, # bench_quality's result
                   out: str | Path, # folder
