@@ -309,10 +309,9 @@ def arm_budget(arm: Arm,
               ) -> dict:
     "The arm's budget {'steps': run.steps or None, 'minutes': run.max_minutes}: steps stop it, the minutes only guard, unless only minutes are given."
     if steps_cap is None and minutes is not None: return {'steps': None, 'minutes': float(minutes)}
-    if steps_cap is None: _pace(arm)  # a preset without a step budget or pace is an error here
+    pace = PACE_SECONDS.get(arm.preset, 1.0) if steps_cap is not None else _pace(arm)  # no budget or pace: an error here
     steps = int(steps_cap) if steps_cap is not None else BUDGET_STEPS[arm.preset]
-    guard = max(GUARD_MIN, GUARD * steps * PACE_SECONDS.get(arm.preset, 1.0) / 60)
-    return {'steps': steps, 'minutes': float(minutes) if minutes is not None else round(guard, 2)}
+    return {'steps': steps, 'minutes': float(minutes) if minutes is not None else round(max(GUARD_MIN, GUARD * steps * pace / 60), 2)}
 
 def _train_minutes(arm: Arm, minutes: float | None = None, steps_cap: int | None = None) -> float:
     "Expected training minutes of the arm at one thread on the dev box: its steps at its preset's pace, or its clock budget."
