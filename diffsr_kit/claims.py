@@ -18,12 +18,13 @@ from .stats import paired_differences, decide, ideal_bound
 
 # %% auto #0
 __all__ = ['METRICS', 'REQUIREMENTS', 'DIRECT', 'UP_RESIDUAL', 'ARMS', 'CLAIMS', 'BUDGET_STEPS', 'PACE_SECONDS', 'GUARD',
-           'GUARD_MIN', 'EVAL_CALL_SECONDS', 'START_MINUTES', 'STEPS_UNCAPPED', 'BUDGET_KEYS', 'SAMPLE_KEYS',
-           'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm', 'Claim', 'unmet', 'claims_table',
-           'select_claims', 'check_registry', 'slug', 'arm_budget', 'run_cost_minutes', 'claim_runs', 'plan_claims',
-           'run_dir', 'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root', 'arm_settings',
-           'config_digest', 'arm_differences', 'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate',
-           'run_claims', 'steps_check', 'build_report', 'carry_claims', 'claims_markdown', 'write_claims']
+           'GUARD_MIN', 'EVAL_CALL_SECONDS', 'START_MINUTES', 'STEPS_UNCAPPED', 'CHAIN_ONLY', 'BUDGET_KEYS',
+           'SAMPLE_KEYS', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm', 'Claim', 'unmet',
+           'claims_table', 'select_claims', 'check_registry', 'slug', 'arm_budget', 'run_cost_minutes', 'claim_runs',
+           'plan_claims', 'run_dir', 'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root',
+           'arm_settings', 'config_digest', 'arm_differences', 'differences_text', 'verdict', 'reference_bounds',
+           'train_and_evaluate', 'run_claims', 'steps_check', 'build_report', 'carry_claims', 'claims_markdown',
+           'write_claims']
 
 # %% ../nbs/api/43_claims.ipynb #200d85fe
 @dataclass(frozen=True)
@@ -371,6 +372,8 @@ def budget_overrides(out: str | Path, minutes: float, steps_cap: int | None = No
     return [f'run.out={out}', f'run.max_minutes={float(minutes)}', f'run.steps={int(steps_cap or STEPS_UNCAPPED)}',
             'run.val_every=0', 'run.ckpt_every=0', 'run.keep_ckpts=1', 'run.progress=false']
 
+CHAIN_ONLY = ('sample.backproject=0',)  # the papers' samplers end at their chain's sample: no LR back-projection in any arm
+
 def arm_overrides(arm: Arm, runs_dir: str | Path = 'runs/claims',
                   minutes: float | None = None, # wall-clock minutes of every arm (None: the preset's step budget, `arm_budget`)
                   steps_cap: int | None = None, # steps of every arm (None: the preset's `BUDGET_STEPS` entry)
@@ -378,8 +381,8 @@ def arm_overrides(arm: Arm, runs_dir: str | Path = 'runs/claims',
                   registry: dict[str, Arm] | None = None, # where `arm.base` is looked up (default ARMS)
                   seed: int = 0, # training seed (run.seed; a base arm's run of the same seed)
                  ) -> list[str]:
-    "The arm's overrides, then `extra`, then its base's run folder, then the budget (and run.seed for seeds > 0)."
-    ov = list(arm.overrides) + list(extra)
+    "`CHAIN_ONLY`, the arm's overrides, then `extra`, then its base's run folder, then the budget (and run.seed for seeds > 0)."
+    ov = list(CHAIN_ONLY) + list(arm.overrides) + list(extra)
     if arm.base:
         base = (ARMS if registry is None else registry)[arm.base]
         ov.append(f'{arm.base_key}={run_dir(runs_dir, base.run_key, seed)}')
@@ -420,6 +423,7 @@ def arm_settings(a: Arm, minutes: float | None = None, steps_cap: int | None = N
     "The arm's resolved config as flat key -> value (run folder and seed left out, its base as '<base run>'), its preset and its evaluation."
     cfg = dataclasses.asdict(arm_config(a, minutes=minutes, steps_cap=steps_cap, extra=extra))
     f = {k: v for k, v in _flat(cfg).items() if k not in ('run.out', 'run.seed')}
+    if f.get('sample.backproject') in (0, '0'): del f['sample.backproject']  # what every arm had before the key existed: digests carry over
     if a.base: f[a.base_key] = f'<{a.base} run>'
     f['preset'] = a.preset
     f['eval'] = f"{a.sampler or cfg['sample']['sampler']} {a.steps or cfg['sample']['steps']}"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 __all__ = ['SCALES', 'RESIZE_MODES', 'OPS', 'PIPELINES', 'DegradeConfig', 'anisotropic_gaussian_kernels',
            'anisotropic_gaussian_kernel', 'isotropic_gaussian_kernels', 'isotropic_gaussian_kernel',
            'gaussian_kernels_1d', 'blur', 'blur_separable', 'resize', 'add_gaussian_noise', 'add_poisson_noise', 'jpeg',
-           'degrade', 'describe']
+           'degrade', 'describe', 'back_project']
 
 # %% ../nbs/api/01_degrade.ipynb #341498b5
 SCALES = (2, 3, 4, 8)  # supported downsampling factors s
@@ -374,3 +374,22 @@ def describe(p: dict) -> str:
                  noise=lambda: f"{'g' if p['noise_grey'] else 'c'}n{p['noise_sigma'] * 255:.0f}",
                  poisson=lambda: f"poi{p['poisson_peak']:.0f}", jpeg=lambda: f"q{p['jpeg_quality']}")
     return ' > '.join(names[o]() for o in p['order'])
+
+# %% ../nbs/api/01_degrade.ipynb #2f67b3da
+def back_project(sr: torch.Tensor, # (N,C,H,W) SR images in [0, 1]
+                 lr: torch.Tensor, # (N,C,h,w) the LR images they were made from, in [0, 1]; H = s*h, W = s*w
+                 iters: int = 1, # back-projection steps (0: sr unchanged)
+                ) -> torch.Tensor:
+    "`iters` steps of x <- clip(x + U(lr - D(x))), D the classic pipeline, U bicubic (Irani and Peleg 1991); in [0, 1]."
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 0:
+        raise ValueError(f"iters must be a whole number >= 0 (back-projection steps), got {iters!r}.")
+    if sr.ndim != 4 or lr.ndim != 4 or sr.shape[:2] != lr.shape[:2]:
+        raise ValueError(f"sr (N,C,H,W) and lr (N,C,h,w) must agree on N and C, got {tuple(sr.shape)} and {tuple(lr.shape)}.")
+    (H, W), (h, w) = sr.shape[-2:], lr.shape[-2:]
+    s = H // h
+    if s not in SCALES or (H, W) != (s * h, s * w):
+        raise ValueError(f"sr is {H}x{W} and lr {h}x{w}: sr must be exactly s times lr on both sides, s one of {SCALES}.")
+    cfg, x = DegradeConfig(pipeline='classic', scale=s), sr
+    for _ in range(int(iters)):
+        x = (x + resize(lr - degrade(x, cfg)[0], (H, W), 'bicubic')).clamp(0, 1)
+    return x

@@ -228,7 +228,7 @@ class LDDPMTask(DiffusionGANTask):
         res = self._walk(y, x0_fn, S, gen, return_trajectory, progress)
         y, traj = res if return_trajectory else (res, None)
         H, W = h * self.cfg.data.scale, w * self.cfg.data.scale
-        sr = self.decode_chain(y, lrp, mods)[..., :H, :W]
+        sr = self.consistent(self.decode_chain(y, lrp, mods)[..., :H, :W], lr)
         if not return_trajectory: return sr
         return sr, {**traj, 'xt': traj['xt'][..., :H, :W], 'pred_x0': traj['pred_x0'][..., :H, :W]}
 

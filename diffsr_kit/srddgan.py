@@ -296,7 +296,7 @@ class SRDDGANTask(DiffusionGANTask):
             return self.generate(mods['generator'], yt, t, cond, zt)
         res = self._walk(y, x0_fn, steps or self.cfg.sample.steps, gen, return_trajectory, progress)
         y, traj = res if return_trajectory else (res, None)
-        sr = self.decode_chain(y, lr, mods)
+        sr = self.consistent(self.decode_chain(y, lr, mods), lr)
         return (sr, traj) if return_trajectory else sr
 
 # %% ../nbs/api/32_srddgan.ipynb #f5c275be

@@ -179,7 +179,7 @@ class DDPMTask(Task):
         if sampler == 'ddim': kw['eta'] = s.eta if eta is None else eta
         res = sample(sampler, unet_fn(mods['unet'], self.diffusion, lr=lr), self.chain_shape(lr), self.diffusion, **kw)
         x, traj = res if return_trajectory else (res, None)
-        sr = self.decode_chain(x, lr, mods)
+        sr = self.consistent(self.decode_chain(x, lr, mods), lr)
         return (sr, traj) if return_trajectory else sr
 
 # %% ../nbs/api/31_tasks.ipynb #d947c532
@@ -206,7 +206,7 @@ class RegressionTask(Task):
     def predict(self, lr, seed=0, modules=None, return_trajectory=False, **kw):
         "The one-pass prediction (seed and sampler arguments are ignored: it is deterministic)."
         u = (modules or self.eval_modules)['unet']
-        sr = self._forward(u, lr).clamp(-1, 1)
+        sr = self.consistent(self._forward(u, lr).clamp(-1, 1), lr)
         return (sr, None) if return_trajectory else sr
 
 # %% ../nbs/api/31_tasks.ipynb #92845ed8

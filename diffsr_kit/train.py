@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from safetensors.torch import save_file, load_file
 
-from .core import get_device, seed_everything, atomic_write, atomic_write_text, from_model, bf16_supported
+from .core import get_device, seed_everything, atomic_write, atomic_write_text, from_model, to_model, bf16_supported
+from .degrade import back_project
 from .config import save_config, config_to_dict, config_from_dict, ConfigError, load_config, read_yaml_chain
 from . import dist
 from .checkpoint import (TrainingDiverged, diverged, flat_state, load_flat_state, nonfinite_tensors, read_weights,
@@ -23,9 +24,9 @@ from .cudagraph import CUDAGraphed, cuda_graphed
 
 # %% auto #0
 __all__ = ['TASKS', 'TASK_MODULES', 'OPTIMIZERS', 'PLAN_WINDOW', 'ARCH_SECTIONS', 'COMPILE_MODES', 'RUN_CHECKS', 'DataConfig',
-           'OptimConfig', 'RunConfig', 'SampleConfig', 'Task', 'register_task', 'get_task', 'load_run_config', 'lr_at',
-           'make_optimizer', 'EMA', 'load_task', 'export_checkpoint', 'make_dataset', 'get_batch', 'validate',
-           'plan_steps', 'RunFolderBusy', 'RunLock', 'check_run_config', 'train']
+           'OptimConfig', 'RunConfig', 'SampleConfig', 'backproject_steps', 'Task', 'register_task', 'get_task',
+           'load_run_config', 'lr_at', 'make_optimizer', 'EMA', 'load_task', 'export_checkpoint', 'make_dataset',
+           'get_batch', 'validate', 'plan_steps', 'RunFolderBusy', 'RunLock', 'check_run_config', 'train']
 
 # %% ../nbs/api/30_train.ipynb #afe2100a
 @dataclass
@@ -79,6 +80,21 @@ class SampleConfig:
     steps: int = 50             # sampling steps (DDIM respacing)
     eta: float = 0.0            # DDIM eta
     cuda_graph: bool = False    # CUDA only: replay each network call of sampling from a captured CUDA graph (see CUDAGraphed)
+    backproject: int = 0        # steps of LR back-projection on the sampled image (degrade.back_project; 0: none, the papers' chains)
+
+def backproject_steps(cfg) -> int:
+    "The back-projection steps a run config asks for (`sample.backproject`; 0 where it has no sample section)."
+    return int(getattr(getattr(cfg, 'sample', None), 'backproject', 0) or 0)
+
+def _check_backproject(cfg):
+    "sample.backproject: a whole number >= 0, and only onto the classic (bicubic) LR it projects with."
+    k = getattr(getattr(cfg, 'sample', None), 'backproject', 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigError(f"sample.backproject={k!r}: give a whole number of back-projection steps >= 0 (0: none).")
+    pipe = getattr(getattr(cfg, 'data', None), 'pipeline', 'classic')
+    if k and pipe != 'classic':
+        raise ConfigError(f"sample.backproject={k} projects onto bicubic-downsampled LR images, but data.pipeline={pipe!r} "
+                          "trains on blurred, noisy ones; set sample.backproject=0.")
 
 # %% ../nbs/api/30_train.ipynb #d2b982ca
 class Task:
@@ -94,6 +110,7 @@ class Task:
                  pretrained: bool = True): # load pretrained parts named in cfg (False when a checkpoint will supply every weight)
         self.cfg, self.device, self.pretrained = cfg, device, pretrained
         self.modules: dict[str, nn.Module] = {}
+        _check_backproject(cfg)
 
     def param_groups(self) -> dict[str, list]:
         "Parameters per optimiser, in the order they step (default: one optimiser over all modules)."
@@ -120,6 +137,11 @@ class Task:
     def default_steps(self, sampler: str) -> int | None:
         "The steps `predict` takes with `sampler` when none are given (None: not iterative)."
         return None
+
+    def consistent(self, sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        "`sr` after `sample.backproject` steps of back-projection onto `lr` (both in [-1, 1]); the last step of every predict."
+        k = backproject_steps(self.cfg)
+        return sr if not k else to_model(back_project(from_model(sr), from_model(lr), k))
 
     def evaluate(self, val: dict, seed: int = 0, grid_path: Path | None = None) -> dict:
         "Validation numbers on the fixed batch `val` (default: SR metrics of `predict`, see `validate`)."

@@ -42,9 +42,10 @@ def weights_hash(folder: Path) -> str:
     return h.hexdigest()
 
 def run(folder: Path, kw: dict, lr: torch.Tensor) -> np.ndarray:
-    "The SR output of one call, as float32 (1, 3, 64, 64) in [-1, 1]."
+    "The chain's own SR output of one call (sample.backproject=0), as float32 (1, 3, 64, 64) in [-1, 1]."
     from diffsr_kit.train import load_task
     task = load_task(folder, 'cpu')
+    task.cfg.sample.backproject = 0  # the goldens guard the networks and chains; test_golden_sr checks the projection on top
     with torch.no_grad(): return task.predict(lr, seed=0, **kw).float().numpy()
 
 def main(argv=None):

@@ -1,6 +1,7 @@
 """diffsr_kit.degrade against independent references: numpy/scipy kernels and convolution, PIL bicubic and JPEG,
 and a per-image loop rebuilt from the drawn parameters with scipy."""
 import io
+from pathlib import Path
 import math
 
 import numpy as np
@@ -326,3 +327,14 @@ def test_grey_images_and_numpy_seeds():
     assert lr.shape == (3, 1, 32, 32) and lr.min() >= 0 and lr.max() <= 1
     lr2, _ = degrade(g, DegradeConfig(pipeline='shuffled', scale=2, poisson_prob=1.0), np.array([4, 5, 6]))
     assert torch.equal(lr, lr2) and all('poisson' in p['order'] for p in ps)
+
+def test_backproject_config_is_checked_where_the_task_is_built():
+    "sample.backproject is a whole number >= 0 and needs the classic degradation it projects onto."
+    from diffsr_kit.config import ConfigError
+    from diffsr_kit.train import get_task, load_run_config
+    root = Path(__file__).resolve().parents[1] / 'configs' / 'tiny_regression_x4.yaml'
+    build = lambda *ov: get_task('regression')(load_run_config(str(root), list(ov)), torch.device('cpu'))
+    assert build().cfg.sample.backproject == 1  # the shipped preset
+    with pytest.raises(ConfigError, match='set sample.backproject=0'): build('data.pipeline=shuffled')
+    build('data.pipeline=shuffled', 'sample.backproject=0')  # the raw network on shuffled LR is fine
+    with pytest.raises(ConfigError, match='whole number'): build('sample.backproject=-1')

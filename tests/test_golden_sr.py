@@ -27,3 +27,19 @@ def test_same_output(golden, name, label, kw):
     assert got.shape == want.shape
     err = float(np.abs(got - want).max())
     assert err <= ATOL, f"{name} {label}: max |difference| {err:.2e} > {ATOL}"
+
+@pytest.mark.parametrize('name', list(CALLS))
+def test_shipped_config_ends_with_one_back_projection(golden, name):
+    "The shipped configs end every predict with one LR back-projection step, applied to the chain's recorded output."
+    import torch
+    from diffsr_kit.degrade import back_project
+    from diffsr_kit.train import load_task
+    label, kw = CALLS[name][0]
+    task = load_task(ROOT / 'assets' / name, 'cpu')
+    assert task.cfg.sample.backproject == 1
+    lr = lr_input()
+    with torch.no_grad(): got = task.predict(lr, seed=0, **kw).float()
+    want = back_project((torch.from_numpy(golden[f'{name}/{label}']) + 1) / 2, (lr + 1) / 2, 1) * 2 - 1
+    err = float((got - want).abs().max())
+    assert err <= ATOL, f"{name} {label}: max |difference| {err:.2e} > {ATOL}"
+    assert float((got - torch.from_numpy(golden[f'{name}/{label}'])).abs().max()) > 10 * ATOL  # the step does change the output
