@@ -273,6 +273,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'diffsr_kit.data._lfw': ('api/data.html#_lfw', 'diffsr_kit/data.py'),
                                  'diffsr_kit.data._lfw_all': ('api/data.html#_lfw_all', 'diffsr_kit/data.py'),
                                  'diffsr_kit.data._lfw_load': ('api/data.html#_lfw_load', 'diffsr_kit/data.py'),
+                                 'diffsr_kit.data._motorcycle_load': ('api/data.html#_motorcycle_load', 'diffsr_kit/data.py'),
+                                 'diffsr_kit.data._mpl_photo_load': ('api/data.html#_mpl_photo_load', 'diffsr_kit/data.py'),
                                  'diffsr_kit.data._names_of': ('api/data.html#_names_of', 'diffsr_kit/data.py'),
                                  'diffsr_kit.data._pydicom': ('api/data.html#_pydicom', 'diffsr_kit/data.py'),
                                  'diffsr_kit.data._set_channels': ('api/data.html#_set_channels', 'diffsr_kit/data.py'),

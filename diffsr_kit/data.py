@@ -165,6 +165,28 @@ IMAGES['mr_small'] = ImageInfo(
     "pydicom pydicom.data.get_testdata_file('MR_small.dcm')", _PYDICOM_LICENCE.format("'MR1_UNC'"),
     'MR slice; values fit in 12 bits, divided by 4095', extra='medical')
 
+# %% ../nbs/api/02_data.ipynb #f45e04de
+def _motorcycle_load() -> np.ndarray:
+    "The left view of scikit-image's Middlebury stereo pair (it ships in the wheel: no download)."
+    import skimage.data
+    return skimage.data.stereo_motorcycle()[0]
+
+def _mpl_photo_load(fname: str) -> np.ndarray:
+    "A photograph from matplotlib's sample_data, as uint8 RGB."
+    from matplotlib import cbook
+    with Image.open(cbook.get_sample_data(fname, asfileobj=False)) as im: return np.asarray(im.convert('RGB'))
+
+IMAGES['motorcycle'] = ImageInfo(
+    'motorcycle', _motorcycle_load, 'natural', 3, 8, (500, 741, 3), 'uint8',
+    'scikit-image skimage.data.stereo_motorcycle()[0]',
+    'not stated by scikit-image; Middlebury 2014 stereo benchmark (Scharstein et al. 2014), downscaled 4x by scikit-image',
+    'left view of a rectified stereo pair')
+IMAGES['grace_hopper'] = ImageInfo(
+    'grace_hopper', functools.partial(_mpl_photo_load, 'grace_hopper.jpg'), 'natural', 3, 8, (600, 512, 3), 'uint8',
+    'matplotlib sample_data/grace_hopper.jpg (matplotlib.cbook.get_sample_data)',
+    "not stated for the file; the 1984 U.S. Navy portrait of Commodore Grace M. Hopper, a U.S. government work (public domain)",
+    'JPEG portrait')
+
 # %% ../nbs/api/02_data.ipynb #c6607dd3
 def _lfw(lo: int, hi: int) -> list[str]: return [f'lfw_{i:03d}' for i in range(lo, hi)]
 
@@ -174,6 +196,7 @@ SPLITS: dict[str, list[str]] = {
              + _lfw(0, 80) + _lfw(100, 180),
     'val': ['rocket', 'text', 'microaneurysms', 'mr_small'] + _lfw(80, 90) + _lfw(180, 190),
     'test': ['astronaut', 'chelsea', 'gravel', 'immunohistochemistry', 'brain_mri'] + _lfw(90, 100) + _lfw(190, 200),
+    'extra': ['motorcycle', 'grace_hopper'],  # training-only photographs outside `train` (see above); 'train+extra' uses both
 }
 
 _SPLIT_OF = {n: s for s, names in SPLITS.items() for n in names}
@@ -465,14 +488,15 @@ PICKS = ('image', 'area')  # HRPatches(pick=...): each image equally often, or i
 EXTRAS: dict[str, Callable] = {'medical': _pydicom}  # pip extra -> import check that raises with the install command
 
 def _names_of(source) -> list[str]:
-    "Registered names from a split name, one registered name, or a list of names."
+    "Registered names from a split name, one registered name, '+'-joined ones ('train+extra'), or a list of names."
+    if isinstance(source, str) and '+' in source: return [n for part in source.split('+') for n in _names_of(part)]
     if isinstance(source, str): return list(SPLITS[source]) if source in SPLITS else [get_info(source).name]
     return [get_info(n).name for n in source]
 
 def _is_registry_source(source) -> bool:
-    "Split names and registered names win over folders of the same name (pass a Path for those)."
+    "Split names and registered names (or '+'-joined ones) win over folders of the same name (pass a Path for those)."
     if isinstance(source, (list, tuple)): return True
-    return isinstance(source, str) and (source in SPLITS or ALIASES.get(source, source) in IMAGES)
+    return isinstance(source, str) and all(p in SPLITS or ALIASES.get(p, p) in IMAGES for p in source.split('+'))
 
 class HRPatches(Dataset):
     "Random HR crops with LR made by `degrade`; item i is deterministic for a given seed and epoch."

@@ -31,7 +31,7 @@ __all__ = ['TASKS', 'TASK_MODULES', 'OPTIMIZERS', 'PLAN_WINDOW', 'ARCH_SECTIONS'
 # %% ../nbs/api/30_train.ipynb #afe2100a
 @dataclass
 class DataConfig:
-    train: str = 'train'        # bundled split name ('train'/'val'/'test') or an HR image folder
+    train: str = 'train'        # bundled split name ('train'/'val'/'test'/'extra'), '+'-joined ones ('train+extra'), or an HR image folder
     val: str = 'val'            # validation source, same forms as `train`
     patch: int = 64             # HR crop size (square)
     scale: int = 4              # super-resolution factor

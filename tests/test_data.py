@@ -120,12 +120,22 @@ def test_split_is_disjoint_by_image_and_covers_registry():
     seen = [n for names in D.SPLITS.values() for n in names]
     assert len(seen) == len(set(seen))  # no image in two splits (or twice in one)
     assert set(seen) == set(D.IMAGES)
-    assert set(D.SPLITS) == {'train', 'val', 'test'}
+    assert set(D.SPLITS) == {'train', 'val', 'test', 'extra'}
+    assert all(D.IMAGES[n].modality == 'natural' for n in D.SPLITS['extra'])
     test = D.SPLITS['test']
     assert sum(D.IMAGES[n].modality == 'natural' and not n.startswith('lfw_') for n in test) >= 2
     assert 'brain_mri' in test and ({'immunohistochemistry', 'retina'} & set(test))
     for s, names in D.SPLITS.items():
         assert all(D.split_of(n) == s for n in names)
+
+
+def test_joined_source_adds_the_extra_photos():
+    both = D.HRPatches('train+extra', patch=64, small='skip', length=2)
+    alone = D.HRPatches('train', patch=64, small='skip', length=2)
+    assert both.names == alone.names + ['motorcycle', 'grace_hopper']
+    assert D.HRPatches('extra', patch=64).sizes == [(500, 741), (600, 512)]
+    with pytest.raises(ValueError, match=r"not a split"):
+        D.HRPatches('train+extar', patch=64)
 
 
 def test_list_images_and_table():
