@@ -17,14 +17,14 @@ from .core import atomic_write_text, repo_root
 from .stats import paired_differences, decide, ideal_bound
 
 # %% auto #0
-__all__ = ['METRICS', 'REQUIREMENTS', 'DIRECT', 'UP_RESIDUAL', 'ARMS', 'CLAIMS', 'BUDGET_STEPS', 'PACE_SECONDS', 'GUARD',
-           'GUARD_MIN', 'EVAL_CALL_SECONDS', 'START_MINUTES', 'STEPS_UNCAPPED', 'CHAIN_ONLY', 'BUDGET_KEYS',
-           'SAMPLE_KEYS', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm', 'Claim', 'unmet',
-           'claims_table', 'select_claims', 'check_registry', 'slug', 'arm_budget', 'run_cost_minutes', 'claim_runs',
-           'plan_claims', 'run_dir', 'budget_overrides', 'arm_overrides', 'arm_config', 'check_arm', 'in_repo_root',
-           'arm_settings', 'config_digest', 'arm_differences', 'differences_text', 'verdict', 'reference_bounds',
-           'train_and_evaluate', 'run_claims', 'steps_check', 'build_report', 'carry_claims', 'claims_markdown',
-           'write_claims']
+__all__ = ['METRICS', 'REQUIREMENTS', 'DIRECT', 'UP_RESIDUAL', 'GAN_UP', 'GAN_RRDB', 'ARMS', 'CLAIMS', 'BUDGET_STEPS',
+           'PACE_SECONDS', 'GUARD', 'GUARD_MIN', 'EVAL_CALL_SECONDS', 'START_MINUTES', 'STEPS_UNCAPPED', 'CHAIN_ONLY',
+           'BUDGET_KEYS', 'SAMPLE_KEYS', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm',
+           'Claim', 'unmet', 'claims_table', 'select_claims', 'check_registry', 'slug', 'arm_budget',
+           'run_cost_minutes', 'claim_runs', 'plan_claims', 'run_dir', 'budget_overrides', 'arm_overrides',
+           'arm_config', 'check_arm', 'in_repo_root', 'arm_settings', 'config_digest', 'arm_differences',
+           'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate', 'run_claims', 'steps_check',
+           'build_report', 'carry_claims', 'claims_markdown', 'write_claims']
 
 # %% ../nbs/api/43_claims.ipynb #200d85fe
 @dataclass(frozen=True)
@@ -115,6 +115,10 @@ _P = {k: f'configs/tiny_{k}_x4.yaml' for k in ('sr3', 'sr4', 'vae_ddpm', 'vqvae_
 # says its chain explicitly: SR3's chain on HR itself, or SR4's residual HR - Up(LR) (eq. 9), no regressor in either.
 DIRECT = ("regressor=''", 'diffusion.residual=false')
 UP_RESIDUAL = ("regressor=''", 'diffusion.residual=true')
+# The SRDDGAN arms keep the recipe their results were measured with: the residual to Up(LR), RRDB features, the `train`
+# split, pixel weight 10 (the shipped preset now takes the residual to the frozen regressor, without RRDB, on train+extra).
+GAN_UP = ("regressor=''", 'data.train=train', 'gan.pixel=10.0')
+GAN_RRDB = GAN_UP + ('gan.use_rrdb=true', 'model.cond_ch=35')  # ... with the RRDB encoder's features
 _SR3_RUNS = {'sr3:linear+direct': DIRECT, 'sr3:cosine+direct': ('diffusion.schedule=cosine',) + DIRECT,
              'sr3:linear+residual': UP_RESIDUAL,
              'sr3:cosine+residual': ('diffusion.schedule=cosine',) + UP_RESIDUAL}  # SR4 Table 1's 2x2
@@ -134,10 +138,10 @@ def _registry() -> dict[str, Arm]:
              Arm('unet:middle', _P['sr3'], ('model.cond=middle',) + DIRECT, 'ddim', 50),
              Arm('unet:multiscale', _P['sr3'], ('model.cond=multiscale',) + DIRECT, 'ddim', 50),
              Arm('cgdpm:guided', _P['cgdpm'], (), 'ddim', 50, base='unet:multiscale', base_key='guide.ddpm'),
-             Arm('srddgan', _P['srddgan']), Arm('srddgan:no-encoder', _P['srddgan'], ('gan.use_rrdb=false', 'model.cond_ch=3'))]
-    arms += [Arm(f'srddgan:T{T}', _P['srddgan'], (f'gan.T={T}', f'sample.steps={T}')) for T in (1, 2, 8)]
-    arms += [Arm('srddgan:+content', _P['srddgan'], ('gan.beta=0.8',), needs=('vgg19',)),
-             Arm('srddgan:+content+style', _P['srddgan'], ('gan.beta=0.8', 'gan.eta=0.2'), needs=('vgg19',))]
+             Arm('srddgan', _P['srddgan'], GAN_RRDB), Arm('srddgan:no-encoder', _P['srddgan'], GAN_UP + ('gan.use_rrdb=false', 'model.cond_ch=3'))]
+    arms += [Arm(f'srddgan:T{T}', _P['srddgan'], GAN_RRDB + (f'gan.T={T}', f'sample.steps={T}')) for T in (1, 2, 8)]
+    arms += [Arm('srddgan:+content', _P['srddgan'], GAN_RRDB + ('gan.beta=0.8',), needs=('vgg19',)),
+             Arm('srddgan:+content+style', _P['srddgan'], GAN_RRDB + ('gan.beta=0.8', 'gan.eta=0.2'), needs=('vgg19',))]
     arms += [Arm(f'lddpm:{r}', _P['lddpm'], ABLATION_ROWS[r]) for r in ('T6:V1', 'T6:V2', 'T6:V3', 'T7:LDDPM', 'T7:+Glow', 'T7:+Glow+GAN')]
     arms += [Arm('lddpm:T8:+CL', _P['lddpm'], ABLATION_ROWS['T8:+CL'] + ('lddpm.w_content=1.0',), needs=('vgg19',)),
              Arm('lddpm:T8:+CL+SL', _P['lddpm'], ABLATION_ROWS['T8:+CL+SL'] + ('lddpm.w_content=1.0', 'lddpm.w_style=1.0'),

@@ -254,7 +254,8 @@ def quality_card(protocol: QualityProtocol, # the protocol the numbers follow
                           hardware=f'{device_name(get_device(device))}, torch {torch.__version__}')
     if lpips_note.startswith('not computed'): card.metrics['LPIPS'] = lpips_note
     card.metrics['Params'] = ('count_params of the modules predict runs (EMA weights): U-Net; + autoencoder (latent models); '
-                              '+ RRDB encoder (SRDDGAN); base U-Net + guide (CG-DPM); discriminators excluded')
+                              '+ frozen regressor (models on its residual); + RRDB encoder (SRDDGAN with gan.use_rrdb); '
+                              'base U-Net + guide (CG-DPM); discriminators excluded')
     card.metrics['s/img'] = 'wall time of predict / images, after loading, no warm-up call, on the hardware above'
     card.notes.update({
         'image source': f"{src}: {protocol.size}x{protocol.size} centre crops of {', '.join(images)}",

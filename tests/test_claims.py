@@ -33,8 +33,8 @@ def test_every_arm_builds_a_valid_config(name):
 def test_bad_override_is_an_error_naming_the_key():
     with pytest.raises(ConfigError, match='gan.nope'):
         C.check_arm(C.Arm('bad', 'configs/tiny_srddgan_x4.yaml', ('gan.nope=1',)))
-    with pytest.raises(ConfigError, match='cond_ch'):  # cross-field: no RRDB but the generator still expects its features
-        C.check_arm(C.Arm('bad', 'configs/tiny_srddgan_x4.yaml', ('gan.use_rrdb=false',)))
+    with pytest.raises(ConfigError, match='cond_ch'):  # cross-field: RRDB features on, but the generator expects the LR image alone
+        C.check_arm(C.Arm('bad', 'configs/tiny_srddgan_x4.yaml', ('gan.use_rrdb=true',)))
 
 
 def test_registry_is_consistent():
