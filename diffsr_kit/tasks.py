@@ -14,14 +14,15 @@ from .config import ConfigError
 from .diffusion import Diffusion, DiffusionConfig, upsample_lr
 from .schedules import time_input
 from .models.unet import UNet, UNetConfig
+from .models.edsr import EDSR, EDSRConfig
 from .samplers import sample, SAMPLERS
 from .train import Task, register_task, DataConfig, OptimConfig, RunConfig, SampleConfig
 from .models.autoencoders import AEConfig, build_autoencoder, autoencoder_step, estimate_scale_factor, load_autoencoder
 
 # %% auto #0
 __all__ = ['SRConfig', 'regress', 'residual_base', 'load_regressor', 'regressor_arch', 'unet_fn', 'DDPMTask', 'RegressionTask',
-           'AERunConfig', 'recon_metrics', 'AutoencoderTask', 'LatentConfig', 'read_autoencoder_config',
-           'load_frozen_autoencoder', 'LatentDDPMTask']
+           'LRRegressionConfig', 'LRRegressionTask', 'AERunConfig', 'recon_metrics', 'AutoencoderTask', 'LatentConfig',
+           'read_autoencoder_config', 'load_frozen_autoencoder', 'LatentDDPMTask']
 
 # %% ../nbs/api/31_tasks.ipynb #85aa5a3a
 @dataclass
@@ -87,6 +88,9 @@ def load_regressor(path: str, device, scale: int) -> tuple:
         raise FileNotFoundError(f"Regressor not found at {path} (config key 'regressor'). Train one with "
                                 "`diffsr train --config configs/tiny_regression_x4.yaml`, or use assets/tiny_regression_x4.")
     t = load_task(path, device=device)
+    if t.name == 'regression_lr':
+        raise ConfigError(f"regressor={path!r} is an LR-space 'regression_lr' checkpoint; a residual chain's frozen regressor is "
+                          "a U-Net 'regression' checkpoint (its weights rebuild from regressor_model), e.g. assets/tiny_regression_x4.")
     if t.name != 'regression' or not t.cfg.diffusion.residual or t.cfg.data.scale != scale:
         raise ConfigError(f"regressor={path!r} is a '{t.name}' checkpoint (residual={t.cfg.diffusion.residual}, scale {t.cfg.data.scale}); "
                           f"it must be a residual 'regression' checkpoint of scale {scale}.")
@@ -187,11 +191,22 @@ class DDPMTask(Task):
 class RegressionTask(Task):
     "One forward pass, L1 loss: the PSNR-oriented baseline every diffusion model is compared with."
     config_cls = SRConfig
+    net = 'unet'  # the key of the network in self.modules (and in its checkpoints)
 
     def __init__(self, cfg: SRConfig, device, pretrained: bool = True):
         super().__init__(cfg, device, pretrained)
+        self.check(cfg)
+        self.modules = {self.net: self.build(cfg).to(device)}
+
+    @staticmethod
+    def check(cfg: SRConfig):
+        "Cross-field checks of the config (ConfigError naming the keys)."
         _check_sr_config(cfg)
-        self.modules = {'unet': UNet(cfg.model).to(device)}
+
+    @staticmethod
+    def build(cfg: SRConfig):
+        "The untrained network of the config."
+        return UNet(cfg.model)
 
     def _forward(self, u, lr):
         "HR prediction for `lr` in one pass."
@@ -199,15 +214,52 @@ class RegressionTask(Task):
 
     def loss(self, phase, batch, step):
         "L1 between the prediction and the HR image."
-        l = F.l1_loss(self._forward(self.modules['unet'], batch['lr']), batch['hr'])
+        l = F.l1_loss(self._forward(self.modules[self.net], batch['lr']).float(), batch['hr'])
         return l, {'loss': l.detach()}
 
     @torch.no_grad()
     def predict(self, lr, seed=0, modules=None, return_trajectory=False, **kw):
         "The one-pass prediction (seed and sampler arguments are ignored: it is deterministic)."
-        u = (modules or self.eval_modules)['unet']
-        sr = self.consistent(self._forward(u, lr).clamp(-1, 1), lr)
+        u = (modules or self.eval_modules)[self.net]
+        sr = self.consistent(self._forward(u, lr).float().clamp(-1, 1), lr)
         return (sr, None) if return_trajectory else sr
+
+# %% ../nbs/api/31_tasks.ipynb #5a055834
+@dataclass
+class LRRegressionConfig:
+    task: str = 'regression_lr'  # key of train.TASKS
+    model: EDSRConfig = field(default_factory=EDSRConfig)  # the LR-space network (see models.edsr)
+    up_mode: str = 'bicubic'     # how the LR image is upsampled before the network's residual is added
+    data: DataConfig = field(default_factory=DataConfig)    # patches, scale, degradation, batch
+    optim: OptimConfig = field(default_factory=OptimConfig) # optimiser, schedule, EMA
+    run: RunConfig = field(default_factory=RunConfig)       # steps, device, logging, checkpoints
+    sample: SampleConfig = field(default_factory=SampleConfig)  # sample.backproject applies; there is no sampler
+
+@register_task('regression_lr')
+class LRRegressionTask(RegressionTask):
+    "The regression baseline with an LR-space network (EDSR-style), one forward pass, L1 loss."
+    config_cls = LRRegressionConfig
+    net = 'edsr'
+
+    @staticmethod
+    def check(cfg: LRRegressionConfig):
+        "The network's scale and channels agree with the data's; up_mode is a resize mode."
+        from diffsr_kit.degrade import RESIZE_MODES
+        m, d = cfg.model, cfg.data
+        if m.scale != d.scale: raise ConfigError(f"model.scale={m.scale} but data.scale={d.scale}; set them equal.")
+        if m.in_ch != d.channels or m.out_ch != d.channels:
+            raise ConfigError(f"model.in_ch={m.in_ch} and model.out_ch={m.out_ch} must both equal data.channels={d.channels}.")
+        if cfg.up_mode not in RESIZE_MODES: raise ConfigError(f"up_mode={cfg.up_mode!r} is not a resize mode; use one of {RESIZE_MODES}.")
+
+    @staticmethod
+    def build(cfg: LRRegressionConfig):
+        "The untrained LR-space network (its tail starts at zero: the task starts as bicubic)."
+        return EDSR(cfg.model)
+
+    def _forward(self, net, lr):
+        "Up(LR) + the network's residual, (N, C, sH, sW)."
+        s = self.cfg.data.scale
+        return net(lr) + upsample_lr(lr, (lr.shape[-2] * s, lr.shape[-1] * s), self.cfg.up_mode)
 
 # %% ../nbs/api/31_tasks.ipynb #92845ed8
 @dataclass
