@@ -20,9 +20,9 @@ from .train import Task, register_task, DataConfig, OptimConfig, RunConfig, Samp
 from .models.autoencoders import AEConfig, build_autoencoder, autoencoder_step, estimate_scale_factor, load_autoencoder
 
 # %% auto #0
-__all__ = ['SRConfig', 'regress', 'residual_base', 'load_regressor', 'regressor_arch', 'unet_fn', 'DDPMTask', 'RegressionTask',
-           'LRRegressionConfig', 'LRRegressionTask', 'AERunConfig', 'recon_metrics', 'AutoencoderTask', 'LatentConfig',
-           'read_autoencoder_config', 'load_frozen_autoencoder', 'LatentDDPMTask']
+__all__ = ['SRConfig', 'regress', 'residual_base', 'load_regressor', 'regressor_arch', 'unet_fn', 'DDPMTask', 'dihedral',
+           'undihedral', 'RegressionTask', 'LRRegressionConfig', 'LRRegressionTask', 'AERunConfig', 'recon_metrics',
+           'AutoencoderTask', 'LatentConfig', 'read_autoencoder_config', 'load_frozen_autoencoder', 'LatentDDPMTask']
 
 # %% ../nbs/api/31_tasks.ipynb #85aa5a3a
 @dataclass
@@ -186,11 +186,25 @@ class DDPMTask(Task):
         sr = self.consistent(self.decode_chain(x, lr, mods), lr)
         return (sr, traj) if return_trajectory else sr
 
+# %% ../nbs/api/31_tasks.ipynb #2e619b4f
+def dihedral(x: torch.Tensor, # (..., H, W)
+             k: int, # which of the 8 symmetries, 0..7 (0: identity)
+            ) -> torch.Tensor:
+    "The k-th of the 8 symmetries of the square on the last two dims: flip W if k >= 4, then k % 4 quarter turns."
+    if not 0 <= k < 8: raise ValueError(f"k={k!r}: the square has 8 symmetries, k must be 0..7.")
+    return torch.rot90(x.flip(-1) if k >= 4 else x, k % 4, dims=(-2, -1))
+
+def undihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    "The inverse of `dihedral(., k)`."
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
 # %% ../nbs/api/31_tasks.ipynb #d947c532
 @register_task('regression')
 class RegressionTask(Task):
     "One forward pass, L1 loss: the PSNR-oriented baseline every diffusion model is compared with."
     config_cls = SRConfig
+    one_pass = True
     net = 'unet'  # the key of the network in self.modules (and in its checkpoints)
 
     def __init__(self, cfg: SRConfig, device, pretrained: bool = True):
@@ -221,7 +235,9 @@ class RegressionTask(Task):
     def predict(self, lr, seed=0, modules=None, return_trajectory=False, **kw):
         "The one-pass prediction (seed and sampler arguments are ignored: it is deterministic)."
         u = (modules or self.eval_modules)[self.net]
-        sr = self.consistent(self._forward(u, lr).float().clamp(-1, 1), lr)
+        if self.cfg.sample.self_ensemble: out = torch.stack([undihedral(self._forward(u, dihedral(lr, k)), k) for k in range(8)]).mean(0)
+        else: out = self._forward(u, lr)
+        sr = self.consistent(out.float().clamp(-1, 1), lr)
         return (sr, None) if return_trajectory else sr
 
 # %% ../nbs/api/31_tasks.ipynb #5a055834

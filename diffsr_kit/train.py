@@ -81,6 +81,7 @@ class SampleConfig:
     eta: float = 0.0            # DDIM eta
     cuda_graph: bool = False    # CUDA only: replay each network call of sampling from a captured CUDA graph (see CUDAGraphed)
     backproject: int = 0        # steps of LR back-projection on the sampled image (degrade.back_project; 0: none, the papers' chains)
+    self_ensemble: bool = False # one-pass tasks: average the prediction over the 8 flips/rotations of the LR image (EDSR's geometric self-ensemble; 8x the time)
 
 def backproject_steps(cfg) -> int:
     "The back-projection steps a run config asks for (`sample.backproject`; 0 where it has no sample section)."
@@ -105,12 +106,16 @@ class Task:
     samplers: tuple = ()        # samplers predict(sampler=...) lets a user choose, e.g. ('ddpm', 'ddim'); (): one fixed way
     guided: bool = False        # predict takes guidance_scale (CG-DPM)
     plain_chain: bool = False   # a plain DDPM/DDIM chain on modules['unet'] that diffusers' schedulers can walk too (bench)
+    one_pass: bool = False      # predict is one deterministic forward pass, so sample.self_ensemble applies (regression)
 
     def __init__(self, cfg, device: torch.device,
                  pretrained: bool = True): # load pretrained parts named in cfg (False when a checkpoint will supply every weight)
         self.cfg, self.device, self.pretrained = cfg, device, pretrained
         self.modules: dict[str, nn.Module] = {}
         _check_backproject(cfg)
+        if getattr(getattr(cfg, 'sample', None), 'self_ensemble', False) and not self.one_pass:
+            raise ConfigError(f"sample.self_ensemble=true averages one-pass predictions over the 8 flips/rotations; task "
+                              f"{getattr(cfg, 'task', '?')!r} samples a chain (average samples with `diffsr eval --samples`). Set it to false.")
 
     def param_groups(self) -> dict[str, list]:
         "Parameters per optimiser, in the order they step (default: one optimiser over all modules)."
