@@ -22,6 +22,7 @@ PLAN: dict[str, tuple[int, dict[str, str]]] = {
     'tiny_vae_f4': (0, {}),
     'tiny_vqvae_f4': (0, {}),
     'tiny_regression_x4': (0, {}),
+    'tiny_edsr_x4': (0, {}),
     'tiny_sr3_x4': (1, {}),
     'tiny_sr4_x4': (1, {}),
     'tiny_srddgan_x4': (1, {}),

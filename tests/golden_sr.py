@@ -16,6 +16,7 @@ GOLDEN = ROOT / 'tests' / 'data' / 'golden_sr.npz'
 # checkpoint folder -> the predict calls recorded: (label, kwargs); chain models at both samplers, few steps
 CALLS = {
     'tiny_regression_x4': [('default', {})],
+    'tiny_edsr_x4': [('default', {}), ('ensemble8', dict(self_ensemble=True))],  # self_ensemble: the config key, not a predict argument
     'tiny_sr3_x4': [('ddim10', dict(sampler='ddim', steps=10)), ('ddpm10', dict(sampler='ddpm', steps=10))],
     'tiny_sr4_x4': [('ddim10', dict(sampler='ddim', steps=10)), ('ddpm10', dict(sampler='ddpm', steps=10))],
     'tiny_vae_ddpm_x4': [('ddim10', dict(sampler='ddim', steps=10)), ('ddpm10', dict(sampler='ddpm', steps=10))],
@@ -42,10 +43,12 @@ def weights_hash(folder: Path) -> str:
     return h.hexdigest()
 
 def run(folder: Path, kw: dict, lr: torch.Tensor) -> np.ndarray:
-    "The chain's own SR output of one call (sample.backproject=0), as float32 (1, 3, 64, 64) in [-1, 1]."
+    "The chain's own SR output of one call (sample.backproject=0; sample.self_ensemble as kw says, else off), float32 (1, 3, 64, 64) in [-1, 1]."
     from diffsr_kit.train import load_task
     task = load_task(folder, 'cpu')
     task.cfg.sample.backproject = 0  # the goldens guard the networks and chains; test_golden_sr checks the projection on top
+    kw = dict(kw)
+    task.cfg.sample.self_ensemble = kw.pop('self_ensemble', False)
     with torch.no_grad(): return task.predict(lr, seed=0, **kw).float().numpy()
 
 def main(argv=None):

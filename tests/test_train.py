@@ -180,7 +180,7 @@ def test_ema_warmup_follows_data_initialised_weights(tmp_path):
 BINDER = sorted(p.name for p in (Path(__file__).parents[1] / 'configs').glob('*_binder.yaml'))
 
 def test_every_sr_preset_has_a_binder_variant():
-    assert {'tiny_sr3_x4_binder.yaml', 'tiny_sr4_x4_binder.yaml', 'tiny_regression_x4_binder.yaml',
+    assert {'tiny_sr3_x4_binder.yaml', 'tiny_sr4_x4_binder.yaml', 'tiny_regression_x4_binder.yaml', 'tiny_edsr_x4_binder.yaml',
             'tiny_vae_ddpm_x4_binder.yaml', 'tiny_vqvae_ddpm_x4_binder.yaml'} <= set(BINDER)
 
 @pytest.mark.parametrize('name', BINDER)
