@@ -116,7 +116,10 @@ def checkpoint_model(path, # a checkpoint folder (shipped asset or run)
         sr, traj = task.predict(x, seed=seed, return_trajectory=CHAIN_FRAMES, **kw)  # k steps kept, not all
         return dict(sr=from_model(sr).float().cpu(), trajectory=_chain_frames(task, traj, x) if traj else [])
     meta = json.loads((Path(path) / 'meta.json').read_text()) if (Path(path) / 'meta.json').exists() else {}
-    note = f"{task.name} x{task.cfg.data.scale}, trained {meta.get('step', '?')} steps on the bundled train split"
+    src = task.cfg.data.train
+    from diffsr_kit.data import SPLITS
+    where = f"the bundled {src} split{'s' if '+' in src else ''}" if all(p in SPLITS for p in src.split('+')) else f"the image folder {Path(src).name!r}"
+    note = f"{task.name} x{task.cfg.data.scale}, trained {meta.get('step', '?')} steps on {where}"
     return SRModel(name or Path(path).name, task.cfg.data.scale, samplers, run, note)
 
 _SHIPPED_LOADERS: dict = {}  # (zoo key, folder) -> loader: one loader per checkpoint, so `models_available` loads it once
