@@ -16,7 +16,7 @@ from .diffusion import Diffusion, PARAMETERISATIONS, mean_flat, _choice
 from .models.unet import UNet, UNetConfig
 from .samplers import ddpm_step, ddim_step, SAMPLERS
 from .schedules import Schedule, extract
-from .tasks import SRConfig, DDPMTask, unet_fn, _check_sr_config
+from .tasks import SRConfig, DDPMTask, unet_fn, _check_sr_config, build_regressor
 from .train import Task, register_task, validate
 
 # %% auto #0
@@ -268,11 +268,12 @@ class CGDPMTask(DDPMTask):
                     raise ConfigError(f"data.{k}={getattr(cfg.data, k)} but the base DDPM ({g.ddpm}) was trained with "
                                       f"data.{k}={getattr(b.cfg.data, k)}; set data.{k}={getattr(b.cfg.data, k)}.")
             cfg.model, cfg.diffusion = copy.deepcopy(b.cfg.model), copy.deepcopy(b.cfg.diffusion)
-            cfg.regressor, cfg.regressor_model = b.cfg.regressor, copy.deepcopy(b.cfg.regressor_model)  # a base on a regressor keeps it
+            for k in ('regressor', 'regressor_net', 'regressor_model', 'regressor_edsr'):  # a base on a regressor keeps it
+                setattr(cfg, k, copy.deepcopy(getattr(b.cfg, k)))
             unet, reg = b.modules['unet'], b.modules.get('regressor')
         else:
             unet = UNet(cfg.model).to(device)
-            reg = UNet(cfg.regressor_model).to(device) if cfg.regressor else None
+            reg = build_regressor(cfg).to(device) if cfg.regressor else None
         _check_sr_config(cfg)
         gm = g.model
         if gm.z_dim or gm.ctx_ch or gm.learn_sigma:

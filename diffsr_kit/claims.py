@@ -19,8 +19,8 @@ from .stats import paired_differences, decide, ideal_bound
 # %% auto #0
 __all__ = ['METRICS', 'REQUIREMENTS', 'DIRECT', 'UP_RESIDUAL', 'GAN_UP', 'GAN_RRDB', 'ARMS', 'CLAIMS', 'BUDGET_STEPS',
            'PACE_SECONDS', 'GUARD', 'GUARD_MIN', 'EVAL_CALL_SECONDS', 'START_MINUTES', 'STEPS_UNCAPPED', 'CHAIN_ONLY',
-           'BUDGET_KEYS', 'SAMPLE_KEYS', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN', 'Metric', 'Arm',
-           'Claim', 'unmet', 'claims_table', 'select_claims', 'check_registry', 'slug', 'arm_budget',
+           'LATER_DEFAULTS', 'BUDGET_KEYS', 'SAMPLE_KEYS', 'UNDERTRAINED_MARGIN', 'TRAIN_DONE', 'STEPS_RATIO_WARN',
+           'Metric', 'Arm', 'Claim', 'unmet', 'claims_table', 'select_claims', 'check_registry', 'slug', 'arm_budget',
            'run_cost_minutes', 'claim_runs', 'plan_claims', 'run_dir', 'budget_overrides', 'arm_overrides',
            'arm_config', 'check_arm', 'in_repo_root', 'arm_settings', 'config_digest', 'arm_differences',
            'differences_text', 'verdict', 'reference_bounds', 'train_and_evaluate', 'run_claims', 'steps_check',
@@ -423,11 +423,16 @@ def _flat(d: dict, pre: str = '') -> dict[str, str]:
         else: out[pre + k] = str(v)
     return out
 
+# keys added after claims were first measured, at the value that reproduces what every arm trained before them
+LATER_DEFAULTS = {'sample.backproject': '0', 'sample.self_ensemble': 'False', 'regressor_net': 'unet'}
+
 def arm_settings(a: Arm, minutes: float | None = None, steps_cap: int | None = None, extra: Sequence[str] = ()) -> dict[str, str]:
     "The arm's resolved config as flat key -> value (run folder and seed left out, its base as '<base run>'), its preset and its evaluation."
     cfg = dataclasses.asdict(arm_config(a, minutes=minutes, steps_cap=steps_cap, extra=extra))
     f = {k: v for k, v in _flat(cfg).items() if k not in ('run.out', 'run.seed')}
-    if f.get('sample.backproject') in (0, '0'): del f['sample.backproject']  # what every arm had before the key existed: digests carry over
+    for k, v in LATER_DEFAULTS.items():  # what every arm had before the key existed: digests carry over
+        if f.get(k) == v: del f[k]
+    if 'regressor_net' not in f: f = {k: v for k, v in f.items() if not k.startswith('regressor_edsr.')}  # a U-Net regressor's or none
     if a.base: f[a.base_key] = f'<{a.base} run>'
     f['preset'] = a.preset
     f['eval'] = f"{a.sampler or cfg['sample']['sampler']} {a.steps or cfg['sample']['steps']}"

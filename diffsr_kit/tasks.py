@@ -20,8 +20,9 @@ from .train import Task, register_task, DataConfig, OptimConfig, RunConfig, Samp
 from .models.autoencoders import AEConfig, build_autoencoder, autoencoder_step, estimate_scale_factor, load_autoencoder
 
 # %% auto #0
-__all__ = ['SRConfig', 'regress', 'residual_base', 'load_regressor', 'regressor_arch', 'unet_fn', 'DDPMTask', 'dihedral',
-           'undihedral', 'RegressionTask', 'LRRegressionConfig', 'LRRegressionTask', 'AERunConfig', 'recon_metrics',
+__all__ = ['REGRESSOR_NETS', 'SRConfig', 'regress', 'lr_regress', 'RegressorNet', 'regressor_net', 'build_regressor',
+           'residual_base', 'load_regressor', 'regressor_arch', 'unet_fn', 'DDPMTask', 'dihedral', 'undihedral',
+           'RegressionTask', 'LRRegressionConfig', 'LRRegressionTask', 'AERunConfig', 'recon_metrics',
            'AutoencoderTask', 'LatentConfig', 'read_autoencoder_config', 'load_frozen_autoencoder', 'LatentDDPMTask']
 
 # %% ../nbs/api/31_tasks.ipynb #85aa5a3a
@@ -31,8 +32,10 @@ class SRConfig:
     model: UNetConfig = field(default_factory=UNetConfig)              # the U-Net (see models.unet)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # the chain (ignored by 'regression')
     autoencoder: str = ''       # 'latent' task: folder of a trained autoencoder (see models.autoencoders)
-    regressor: str = ''         # residual chains: a trained 'regression' run or asset whose frozen prediction the residual is taken to (SRDiff, ResDiff); '' = Up(LR)
-    regressor_model: UNetConfig = field(default_factory=UNetConfig)  # that regressor's U-Net (filled from `regressor` when training)
+    regressor: str = ''         # residual chains: a trained 'regression' or 'regression_lr' run or asset whose frozen prediction the residual is taken to (SRDiff, ResDiff); '' = Up(LR)
+    regressor_net: str = 'unet' # that regressor's network, a key of REGRESSOR_NETS: 'unet' ('regression') or 'edsr' ('regression_lr'); filled from `regressor`
+    regressor_model: UNetConfig = field(default_factory=UNetConfig)  # a 'unet' regressor's shape (filled from `regressor` when training)
+    regressor_edsr: EDSRConfig = field(default_factory=EDSRConfig)   # an 'edsr' regressor's shape (filled from `regressor` when training)
     data: DataConfig = field(default_factory=DataConfig)              # patches, scale, degradation, batch
     optim: OptimConfig = field(default_factory=OptimConfig)           # optimiser, schedule, EMA
     run: RunConfig = field(default_factory=RunConfig)                 # steps, device, logging, checkpoints
@@ -65,48 +68,91 @@ def regress(unet: UNet, # a regression U-Net (see RegressionTask)
     out = unet(x, t.float() + 1.0 if unet.cfg.time == 'gamma' else t, lr=lr)[:, :unet.cfg.in_ch]
     return out + upsample_lr(lr, (H, W), up_mode) if residual else out
 
-def residual_base(modules: dict, # a task's modules; a frozen regression U-Net under 'regressor' when the run names one
+def lr_regress(net: EDSR, # an LR-space regression network (see LRRegressionTask)
+               lr: torch.Tensor, # (N, C, h, w) LR in [-1, 1]
+               scale: int, # SR factor
+               up_mode: str = 'bicubic', # how LR is upsampled
+              ) -> torch.Tensor:
+    "The one-pass prediction of an LR-space network, Up(LR) + g(LR), (N, C, sH, sW), unclamped."
+    return net(lr) + upsample_lr(lr, (lr.shape[-2] * scale, lr.shape[-1] * scale), up_mode)
+
+@dataclass
+class RegressorNet:
+    "How a residual chain's frozen regressor of one kind is read from its checkpoint, rebuilt and run."
+    task: str        # the regression task its checkpoints come from (a key of train.TASKS)
+    key: str         # its network's key in those checkpoints' modules
+    section: str     # the SRConfig field that holds its shape in a chain's config
+    cls: type        # its network class: built from that shape
+    predict: object  # (net, lr, scale, up_mode) -> the HR prediction, unclamped
+    up_mode: object  # the regression config -> how it upsamples LR (the chain must upsample the same way)
+
+REGRESSOR_NETS = {
+    'unet': RegressorNet('regression', 'unet', 'regressor_model', UNet, lambda n, lr, s, up: regress(n, lr, s, True, up),
+                         lambda c: c.diffusion.up_mode),
+    'edsr': RegressorNet('regression_lr', 'edsr', 'regressor_edsr', EDSR, lr_regress, lambda c: c.up_mode),
+}
+
+def regressor_net(name: str) -> RegressorNet:
+    "The REGRESSOR_NETS entry `name` (config key `regressor_net`), or a ConfigError naming the choices."
+    if name not in REGRESSOR_NETS: raise ConfigError(f"regressor_net={name!r} is not a regressor network; use one of {sorted(REGRESSOR_NETS)}.")
+    return REGRESSOR_NETS[name]
+
+def build_regressor(cfg) -> torch.nn.Module:
+    "The untrained, frozen regressor of a chain config's `regressor_net` and its shape section (a checkpoint fills its weights)."
+    r = regressor_net(cfg.regressor_net)
+    return r.cls(getattr(cfg, r.section)).eval().requires_grad_(False)
+
+def residual_base(modules: dict, # a task's modules; a frozen regression network under 'regressor' when the run names one
                   lr: torch.Tensor, # (N, C, h, w) LR in [-1, 1]
                   scale: int, # SR factor
                   up_mode: str = 'bicubic', # how LR is upsampled
                  ) -> torch.Tensor:
     "What a pixel residual chain is taken to: the frozen regressor's prediction (SRDiff, ResDiff) when there is one, else Up(LR)."
     if 'regressor' not in modules: return upsample_lr(lr, (lr.shape[-2] * scale, lr.shape[-1] * scale), up_mode)
+    net = modules['regressor']
+    r = next(r for r in REGRESSOR_NETS.values() if type(net) is r.cls)
     with torch.no_grad():  # under the training loop's bf16 autocast where it has one: in fp32 it costs ~half a training step
-        return regress(modules['regressor'], lr, scale, True, up_mode).float()
+        return r.predict(net, lr, scale, up_mode).float()
 
 def _fp32(device: torch.device):
     "A region without autocast on `device` (a no-op where autocast does not exist, e.g. the meta device)."
     import contextlib
     return torch.autocast(device.type, enabled=False) if device.type in ('cpu', 'cuda') else contextlib.nullcontext()
 
-def load_regressor(path: str, device, scale: int) -> tuple:
-    "The frozen U-Net of a trained 'regression' run or asset, and its UNetConfig (checked: a residual regressor of this scale)."
+def load_regressor(path: str, device, scale: int,
+                   up_mode: str = 'bicubic', # how the chain upsamples LR: the regressor must do the same
+                  ) -> tuple:
+    "The frozen network of a trained 'regression' or 'regression_lr' run or asset, its REGRESSOR_NETS key and its shape config."
     from diffsr_kit.train import load_task
     from pathlib import Path
     if not Path(path).exists():
         raise FileNotFoundError(f"Regressor not found at {path} (config key 'regressor'). Train one with "
-                                "`diffsr train --config configs/tiny_regression_x4.yaml`, or use assets/tiny_regression_x4.")
+                                "`diffsr train --config configs/tiny_edsr_x4.yaml`, or use assets/tiny_edsr_x4.")
     t = load_task(path, device=device)
-    if t.name == 'regression_lr':
-        raise ConfigError(f"regressor={path!r} is an LR-space 'regression_lr' checkpoint; a residual chain's frozen regressor is "
-                          "a U-Net 'regression' checkpoint (its weights rebuild from regressor_model), e.g. assets/tiny_regression_x4.")
-    if t.name != 'regression' or not t.cfg.diffusion.residual or t.cfg.data.scale != scale:
-        raise ConfigError(f"regressor={path!r} is a '{t.name}' checkpoint (residual={t.cfg.diffusion.residual}, scale {t.cfg.data.scale}); "
-                          f"it must be a residual 'regression' checkpoint of scale {scale}.")
-    return t.eval_modules['unet'].eval().requires_grad_(False), t.cfg.model
+    kind = next((k for k, r in REGRESSOR_NETS.items() if r.task == t.name), None)
+    if kind is None or t.cfg.data.scale != scale or (kind == 'unet' and not t.cfg.diffusion.residual):
+        raise ConfigError(f"regressor={path!r} is a '{t.name}' checkpoint of scale {t.cfg.data.scale}; it must be a 'regression' "
+                          f"(with diffusion.residual=true) or 'regression_lr' checkpoint of scale {scale}, e.g. assets/tiny_edsr_x4.")
+    r = REGRESSOR_NETS[kind]
+    if r.up_mode(t.cfg) != up_mode:
+        raise ConfigError(f"regressor={path!r} upsamples LR with {r.up_mode(t.cfg)!r}, this chain with diffusion.up_mode={up_mode!r}; "
+                          f"set diffusion.up_mode={r.up_mode(t.cfg)}.")
+    return t.eval_modules[r.key].eval().requires_grad_(False), kind, t.cfg.model
 
 # %% ../nbs/api/31_tasks.ipynb #8dfd564c
 def regressor_arch(cfg) -> str:
-    "Fill cfg.regressor_model from the meta.json of a residual chain's frozen regressor (config key `regressor`); what was read."
+    "Fill cfg.regressor_net and its shape from the meta.json of a residual chain's frozen regressor (config key `regressor`); what was read."
     import json
     from pathlib import Path
     from diffsr_kit.config import config_from_dict
     from diffsr_kit.train import find_checkpoint
     if not getattr(cfg, 'regressor', ''): return ''
     p = Path(cfg.regressor)
-    if not p.exists(): return f"regressor shape from the preset's `regressor_model` block ({p} is not there; nothing read)"
-    cfg.regressor_model = config_from_dict(UNetConfig, json.loads((find_checkpoint(p) / 'meta.json').read_text())['config']['model'])
+    if not p.exists(): return f"regressor shape from the preset's `regressor_net` and its block ({p} is not there; nothing read)"
+    meta = json.loads((find_checkpoint(p) / 'meta.json').read_text())
+    cfg.regressor_net = next((k for k, r in REGRESSOR_NETS.items() if r.task == meta['task']), cfg.regressor_net)
+    r = regressor_net(cfg.regressor_net)
+    setattr(cfg, r.section, config_from_dict(type(getattr(cfg, r.section)), meta['config']['model']))
     return f"regressor shape from the JSON config in {p} (weights not read)"
 
 def unet_fn(unet: UNet, diffusion: Diffusion | None, **cond):
@@ -140,9 +186,10 @@ class DDPMTask(Task):
     @staticmethod
     def _regressor(cfg, device, pretrained: bool):
         "The frozen regressor of `cfg.regressor`: loaded when training, rebuilt empty when a checkpoint will fill it."
-        if pretrained: u, cfg.regressor_model = load_regressor(cfg.regressor, device, cfg.data.scale)
-        else: u = UNet(cfg.regressor_model).to(device).eval().requires_grad_(False)
-        return u
+        if not pretrained: return build_regressor(cfg).to(device)
+        net, cfg.regressor_net, shape = load_regressor(cfg.regressor, device, cfg.data.scale, cfg.diffusion.up_mode)
+        setattr(cfg, REGRESSOR_NETS[cfg.regressor_net].section, shape)
+        return net
 
     def base(self, lr, modules) -> torch.Tensor | None:
         "What a residual chain is taken to, in pixels: the frozen regressor's prediction, or None for Up(LR) (the Diffusion default)."
@@ -274,8 +321,7 @@ class LRRegressionTask(RegressionTask):
 
     def _forward(self, net, lr):
         "Up(LR) + the network's residual, (N, C, sH, sW)."
-        s = self.cfg.data.scale
-        return net(lr) + upsample_lr(lr, (lr.shape[-2] * s, lr.shape[-1] * s), self.cfg.up_mode)
+        return lr_regress(net, lr, self.cfg.data.scale, self.cfg.up_mode)
 
 # %% ../nbs/api/31_tasks.ipynb #92845ed8
 @dataclass

@@ -380,7 +380,7 @@ def _alive(pid: int) -> bool:
     except PermissionError: return True
     return pid != 0
 
-ARCH_SECTIONS = ('model', 'disc', 'rrdb', 'cond', 'ae', 'guide', 'regressor_model')  # config sections that shape the weights
+ARCH_SECTIONS = ('model', 'disc', 'rrdb', 'cond', 'ae', 'guide', 'regressor_net', 'regressor_model', 'regressor_edsr')  # config keys that shape the weights
 
 def _flat_dict(d: dict, prefix: str = '') -> dict:
     "{'a.b.c': value} of a nested dict."
@@ -391,7 +391,8 @@ def _arch_diff(old: dict, # a saved config (meta.json)
                cfg) -> list[str]: # the run config, after the task has filled in its pretrained parts
     "'key: old -> new' for every architecture setting (ARCH_SECTIONS) that differs between a checkpoint and a config."
     new = json.loads(json.dumps(config_to_dict(cfg)))  # tuples as lists, as meta.json stores them
-    a, b = (_flat_dict({k: d[k] for k in ARCH_SECTIONS if k in d}) for d in (old, new))
+    keys = [k for k in ARCH_SECTIONS if k in old and k in new]  # a key the checkpoint predates is not a change
+    a, b = (_flat_dict({k: d[k] for k in keys}) for d in (old, new))
     return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 def _prepare_run_dir(run: Path, cfg, resume: bool, overwrite: bool, D):
