@@ -39,10 +39,15 @@ SMOKE = ['run.steps=2', 'run.max_minutes=0', 'data.batch=2', 'data.val_images=2'
          'run.val_every=0', 'run.ckpt_every=0', 'run.progress=false', 'run.device=cpu', 'scale_batches=1']
 
 
-def _uses_key(preset: str, key: str) -> bool:
-    "Whether the preset's YAML (or one of its bases) sets `key` at its top level (e.g. regressor:), so the override is valid."
+def _regressor_run(preset: str, runs: Path) -> str | None:
+    "The run folder that replaces the shipped regressor the preset's YAML names (assets/tiny_edsr_x4 -> runs/tiny_edsr_x4)."
     from diffsr_kit.config import read_yaml_chain
-    return any(key in node for _, node in read_yaml_chain(ROOT / 'configs' / f'{preset}.yaml'))
+    named = [str(node['regressor']) for _, node in read_yaml_chain(ROOT / 'configs' / f'{preset}.yaml') if 'regressor' in node]
+    if not named or not named[-1]: return None
+    dep = Path(named[-1]).name
+    if dep not in PLAN or PLAN[dep][0] >= PLAN[preset][0]:
+        raise SystemExit(f"{preset}.yaml names regressor {named[-1]}, which no earlier phase of PLAN retrains; add it to PLAN.")
+    return str(runs / dep)
 
 
 def command(preset: str, runs: Path, minutes: float, smoke: bool) -> list[str]:
@@ -53,7 +58,7 @@ def command(preset: str, runs: Path, minutes: float, smoke: bool) -> list[str]:
     ae = preset.endswith('_f4')  # the autoencoder runs have scale_batches and no sampler
     ov = [o for o in ov if not (o.startswith('scale_batches') and not ae) and not (o.startswith('sample.') and ae)]
     ov += [f'{key}={runs / dep}' for key, dep in deps.items()]
-    if _uses_key(preset, 'regressor'): ov.append(f'regressor={runs / "tiny_regression_x4"}')
+    if (reg := _regressor_run(preset, runs)): ov.append(f'regressor={reg}')
     return [sys.executable, '-m', 'diffsr_kit.cli', 'train', '--overwrite', '--config', str(ROOT / 'configs' / f'{preset}.yaml'), *ov]
 
 

@@ -25,6 +25,12 @@ def test_gpu_train_assets_smoke(tmp_path):
     cfg = (tmp_path / 'runs' / 'tiny_vae_ddpm_x4' / 'config.yaml').read_text()
     assert 'tiny_vae_f4' in cfg and 'assets/tiny_vae_f4' not in cfg
     assert 'assets/tiny_sr3_x4' not in (tmp_path / 'runs' / 'tiny_cgdpm_x4' / 'config.yaml').read_text()
+    from omegaconf import OmegaConf
+    for name in s['presets']:  # a chain on a frozen regressor got the new run of the regressor its preset names
+        shipped = OmegaConf.select(OmegaConf.load(ROOT / 'configs' / f'{name}.yaml'), 'regressor', default='')
+        if shipped:
+            used = OmegaConf.load(tmp_path / 'runs' / name / 'config.yaml').regressor
+            assert used == str(tmp_path / 'runs' / Path(shipped).name), (name, used)
 
 
 @pytest.mark.parametrize('script, bad, says', [('gpu_train_assets.py', ['--only', 'tiny_nope'], 'unknown preset'),
