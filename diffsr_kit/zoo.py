@@ -70,8 +70,8 @@ for _m in (
     ShippedModel('bicubic-x4', None, None, (QualityRow('bicubic', 'Bicubic', tour=True),), demo=False),
     ShippedModel('regression-x4', 'tiny_regression_x4', 'regression',
                  (QualityRow('regression', 'Regression (U-Net, L1)', None, 1, tour=True),), demo_rank=3),
-    # the same L1 baseline with an LR-space network (models.edsr): SR3, SR4, CG-DPM and SRDDGAN keep the U-Net above as
-    # their frozen regressor (they share its weights by SHA-256)
+    # the same L1 baseline with an LR-space network (models.edsr): SR3 (and CG-DPM through it) takes its residual to this
+    # one, SR4 and SRDDGAN to the U-Net above; each shares its regressor's weights by SHA-256
     ShippedModel('regression-lr-x4', 'tiny_edsr_x4', 'regression_lr',
                  (QualityRow('regression-lr', 'Regression (EDSR-style, L1)', None, 1, tour=True),)),
     ShippedModel('sr3-x4', 'tiny_sr3_x4', 'ddpm', (QualityRow('sr3-ddpm', 'SR3 (DDPM)', 'ddpm', 1000),  # the full chain
