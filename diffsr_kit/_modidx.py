@@ -1213,6 +1213,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                 'diffsr_kit/tasks.py'),
                                   'diffsr_kit.tasks.load_regressor': ('api/tasks.html#load_regressor', 'diffsr_kit/tasks.py'),
                                   'diffsr_kit.tasks.lr_regress': ('api/tasks.html#lr_regress', 'diffsr_kit/tasks.py'),
+                                  'diffsr_kit.tasks.net_of_task': ('api/tasks.html#net_of_task', 'diffsr_kit/tasks.py'),
                                   'diffsr_kit.tasks.read_autoencoder_config': ( 'api/tasks.html#read_autoencoder_config',
                                                                                 'diffsr_kit/tasks.py'),
                                   'diffsr_kit.tasks.recon_metrics': ('api/tasks.html#recon_metrics', 'diffsr_kit/tasks.py'),

@@ -20,9 +20,9 @@ from .train import Task, register_task, DataConfig, OptimConfig, RunConfig, Samp
 from .models.autoencoders import AEConfig, build_autoencoder, autoencoder_step, estimate_scale_factor, load_autoencoder
 
 # %% auto #0
-__all__ = ['REGRESSOR_NETS', 'SRConfig', 'regress', 'lr_regress', 'RegressorNet', 'regressor_net', 'build_regressor',
-           'residual_base', 'load_regressor', 'regressor_arch', 'unet_fn', 'DDPMTask', 'dihedral', 'undihedral',
-           'RegressionTask', 'LRRegressionConfig', 'LRRegressionTask', 'AERunConfig', 'recon_metrics',
+__all__ = ['REGRESSOR_NETS', 'SRConfig', 'regress', 'lr_regress', 'RegressorNet', 'regressor_net', 'net_of_task',
+           'build_regressor', 'residual_base', 'load_regressor', 'regressor_arch', 'unet_fn', 'DDPMTask', 'dihedral',
+           'undihedral', 'RegressionTask', 'LRRegressionConfig', 'LRRegressionTask', 'AERunConfig', 'recon_metrics',
            'AutoencoderTask', 'LatentConfig', 'read_autoencoder_config', 'load_frozen_autoencoder', 'LatentDDPMTask']
 
 # %% ../nbs/api/31_tasks.ipynb #85aa5a3a
@@ -97,6 +97,10 @@ def regressor_net(name: str) -> RegressorNet:
     if name not in REGRESSOR_NETS: raise ConfigError(f"regressor_net={name!r} is not a regressor network; use one of {sorted(REGRESSOR_NETS)}.")
     return REGRESSOR_NETS[name]
 
+def net_of_task(task: str) -> str | None:
+    "The REGRESSOR_NETS key of the regression task `task` (a checkpoint's meta.json 'task'), or None if it is not one."
+    return next((k for k, r in REGRESSOR_NETS.items() if r.task == task), None)
+
 def build_regressor(cfg) -> torch.nn.Module:
     "The untrained, frozen regressor of a chain config's `regressor_net` and its shape section (a checkpoint fills its weights)."
     r = regressor_net(cfg.regressor_net)
@@ -129,7 +133,7 @@ def load_regressor(path: str, device, scale: int,
         raise FileNotFoundError(f"Regressor not found at {path} (config key 'regressor'). Train one with "
                                 "`diffsr train --config configs/tiny_edsr_x4.yaml`, or use assets/tiny_edsr_x4.")
     t = load_task(path, device=device)
-    kind = next((k for k, r in REGRESSOR_NETS.items() if r.task == t.name), None)
+    kind = net_of_task(t.name)
     if kind is None or t.cfg.data.scale != scale or (kind == 'unet' and not t.cfg.diffusion.residual):
         raise ConfigError(f"regressor={path!r} is a '{t.name}' checkpoint of scale {t.cfg.data.scale}; it must be a 'regression' "
                           f"(with diffusion.residual=true) or 'regression_lr' checkpoint of scale {scale}, e.g. assets/tiny_edsr_x4.")
@@ -150,7 +154,7 @@ def regressor_arch(cfg) -> str:
     p = Path(cfg.regressor)
     if not p.exists(): return f"regressor shape from the preset's `regressor_net` and its block ({p} is not there; nothing read)"
     meta = json.loads((find_checkpoint(p) / 'meta.json').read_text())
-    cfg.regressor_net = next((k for k, r in REGRESSOR_NETS.items() if r.task == meta['task']), cfg.regressor_net)
+    cfg.regressor_net = net_of_task(meta['task']) or cfg.regressor_net
     r = regressor_net(cfg.regressor_net)
     setattr(cfg, r.section, config_from_dict(type(getattr(cfg, r.section)), meta['config']['model']))
     return f"regressor shape from the JSON config in {p} (weights not read)"
